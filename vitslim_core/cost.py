@@ -1,0 +1,137 @@
+"""Analytic MACs and parameters of a dense or slimmed ViT.
+
+We quote MACs as "FLOPs", as DeiT does (DeiT-S = 4.6 G). Only matrix products are counted, exactly
+what ``torch.utils.flop_counter.FlopCounterMode`` counts (divided by 2) with fused attention off:
+
+* patch embedding:  M * C * in_chans * ph * pw
+* block l, with N_l = P + kept tokens, A_l = kept attention dims (all heads), h_l = kept MLP units:
+  qkv N*C*3A + q@k^T N*N*A + attn@v N*N*A + proj N*A*C + fc1 N*C*h + fc2 N*h*C
+* classifier: C * classes (times 2 for distilled DeiT's two heads).
+
+A branch with no units left costs nothing; the slim model keeps only its output bias.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .spec import ArchSpec
+
+if TYPE_CHECKING:
+    from .plan import SlimPlan
+
+
+@dataclass(frozen=True)
+class Cost:
+    """MACs ("FLOPs") and parameters of one image's forward pass, with the dense reference."""
+
+    macs: int
+    params: int
+    dense_macs: int
+    dense_params: int
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.macs / self.dense_macs
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params / self.dense_params
+
+    @property
+    def gflops(self) -> float:
+        return self.macs / 1e9
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"macs": self.macs, "params": self.params, "dense_macs": self.dense_macs,
+                "dense_params": self.dense_params, "flops_ratio": self.flops_ratio,
+                "params_ratio": self.params_ratio}
+
+
+def layer_macs(spec: ArchSpec, attn_dims, mlp_units, tokens):
+    """MACs of blocks with A attention dims, h MLP units and N tokens (numpy arrays broadcast)."""
+    C = spec.embed_dim
+    A = np.asarray(attn_dims, dtype=np.int64)
+    h = np.asarray(mlp_units, dtype=np.int64)
+    N = np.asarray(tokens, dtype=np.int64)
+    return N * (4 * C * A + 2 * C * h) + 2 * N * N * A
+
+
+def layer_params(spec: ArchSpec, attn_dims, mlp_units):
+    """Parameters of blocks with A attention dims and h MLP units; an empty branch keeps its bias."""
+    C = spec.embed_dim
+    A = np.asarray(attn_dims, dtype=np.int64)
+    h = np.asarray(mlp_units, dtype=np.int64)
+    attn = (A > 0) * (spec.norm1_params + spec.ls_params + 4 * A * C + 3 * A * spec.qkv_bias) + C * spec.proj_bias
+    mlp = (h > 0) * (spec.norm2_params + spec.ls_params + 2 * h * C + h * spec.fc1_bias) + C * spec.fc2_bias
+    return attn + mlp
+
+
+def fixed_macs(spec: ArchSpec) -> int:
+    """MACs outside the blocks: patch embedding and classifier."""
+    ph, pw = spec.patch_size
+    return (spec.num_patches * spec.embed_dim * spec.in_chans * ph * pw
+            + spec.embed_dim * spec.num_classes * spec.num_out_heads)
+
+
+def fixed_params(spec: ArchSpec) -> int:
+    """Parameters outside the blocks (embeddings, final norm, heads)."""
+    return spec.dense_params - spec.depth * int(layer_params(spec, spec.attn_dim, spec.mlp_hidden))
+
+
+def dense_macs(spec: ArchSpec) -> int:
+    return fixed_macs(spec) + spec.depth * int(layer_macs(spec, spec.attn_dim, spec.mlp_hidden, spec.num_tokens))
+
+
+def plan_widths(plan: "SlimPlan") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-layer (attention dims, MLP units, tokens incl. prefix) of a plan."""
+    s = plan.spec
+    return (plan.attn.reshape(s.depth, -1).sum(1), plan.mlp.sum(1), s.num_prefix_tokens + plan.token.sum(1))
+
+
+def count_cost(arch_or_model: Any, plan: "SlimPlan | None" = None) -> Cost:
+    """MACs and parameters per image of a model, an architecture or a plan.
+
+    Args:
+        arch_or_model: an ArchSpec, a timm ViT (masks ignored), a slimmed model, a MaskScores,
+            a SlimPlan, or a timm model name (built on the meta device, no weights).
+        plan: optional SlimPlan to apply to the architecture.
+    """
+    spec, plan = _resolve(arch_or_model, plan)
+    d_macs = dense_macs(spec)
+    if plan is None:
+        return Cost(d_macs, spec.dense_params, d_macs, spec.dense_params)
+    spec.check_same_shape(plan.spec)
+    A, h, N = plan_widths(plan)
+    macs = fixed_macs(spec) + int(layer_macs(spec, A, h, N).sum())
+    params = fixed_params(spec) + int(layer_params(spec, A, h).sum())
+    return Cost(macs, params, d_macs, spec.dense_params)
+
+
+def _resolve(obj: Any, plan):
+    from .plan import SlimPlan
+    from .scores import MaskScores
+    if isinstance(obj, ArchSpec):
+        return obj, plan
+    if isinstance(obj, SlimPlan):
+        return obj.spec, plan if plan is not None else obj
+    if isinstance(obj, MaskScores):
+        return obj.spec, plan
+    if isinstance(obj, str):
+        import timm
+        import torch
+        from .errors import VitSlimError
+        from .spec import arch_spec
+        try:
+            with torch.device("meta"):
+                m = timm.create_model(obj)
+        except RuntimeError as e:
+            raise VitSlimError(f"unknown model {obj!r} ({str(e).splitlines()[0]})") from None
+        return arch_spec(m, model_name=obj), plan
+    slim_plan = getattr(obj, "slim_plan", None)  # a physically slimmed model carries its plan
+    if isinstance(slim_plan, SlimPlan):
+        return slim_plan.spec, plan if plan is not None else slim_plan
+    from .spec import arch_spec
+    return arch_spec(obj), plan

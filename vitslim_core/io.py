@@ -1,0 +1,76 @@
+"""Atomic file writes (temp file in the same folder, fsync, rename) and safe JSON reads."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .errors import ScoreFileError, VitSlimError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path next to ``path``; on success it replaces ``path`` in one rename.
+
+    A crash at any point leaves either the old file or the new one, never half a file.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise VitSlimError(_os_message(e, path)) from None
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise VitSlimError(_os_message(e, path)) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _os_message(e: OSError, path: Path) -> str:
+    if e.errno == errno.ENOSPC:
+        return f"cannot write {path}: the disk is full"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: permission denied"
+    return f"cannot write {path}: {e.strerror or e}"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def atomic_save(path: str | os.PathLike, save: Callable[[Path], None]) -> None:
+    """Run ``save(tmp_path)`` and move the result into place atomically."""
+    with atomic_path(path) as tmp:
+        save(tmp)
+
+
+def read_json(path: str | os.PathLike, what: str, max_bytes: int = 64 << 20) -> Any:
+    """Read a JSON file, turning every failure into a one-line ScoreFileError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScoreFileError(f"{what} {path} does not exist")
+    if path.stat().st_size > max_bytes:
+        raise ScoreFileError(f"{what} {path} is too large to be a {what}")
+    try:
+        return json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ScoreFileError(f"{what} {path} is not valid JSON ({type(e).__name__})") from None
+    except OSError as e:
+        raise ScoreFileError(f"cannot read {what} {path}: {e.strerror or e}") from None

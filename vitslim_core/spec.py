@@ -1,0 +1,192 @@
+"""ArchSpec: the numbers of a timm ViT that the cost model, plans and the app need (no weights)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from .errors import PlanMismatchError, UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Shape of a supported timm VisionTransformer.
+
+    Args:
+        depth: number of transformer blocks L.
+        embed_dim: residual width C.
+        num_heads: heads per block H.
+        head_dim: dims per head d (H * d may differ from C).
+        mlp_hidden: MLP hidden width h.
+        num_prefix_tokens: P, class + distillation + register tokens (never masked).
+        grid: patch grid (rows, cols); M = rows * cols patch tokens.
+        patch_size: (ph, pw) of the patch embedding convolution.
+        in_chans: image channels.
+        num_classes: classifier outputs (0 means no head).
+        num_out_heads: 1, or 2 for distilled DeiT (head + head_dist).
+        global_pool: 'token' or 'avg' (or '' for none).
+        qkv_bias, proj_bias, fc1_bias, fc2_bias: which linears carry a bias.
+        norm1_params, norm2_params: parameters of one norm1 / norm2 layer.
+        ls_params: parameters of one LayerScale (0 when absent).
+        dense_params: parameter count of the whole dense model.
+        model_name / model_kwargs: how to rebuild it with ``vitslim_core.models``.
+    """
+
+    depth: int
+    embed_dim: int
+    num_heads: int
+    head_dim: int
+    mlp_hidden: int
+    num_prefix_tokens: int
+    grid: tuple[int, int]
+    patch_size: tuple[int, int]
+    in_chans: int
+    num_classes: int
+    num_out_heads: int
+    global_pool: str
+    qkv_bias: bool
+    proj_bias: bool
+    fc1_bias: bool
+    fc2_bias: bool
+    norm1_params: int
+    norm2_params: int
+    ls_params: int
+    dense_params: int
+    model_name: str = ""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.num_patches
+
+    @property
+    def attn_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return (self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["grid"] = list(self.grid)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ArchSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [n for n in names if n not in d and n not in ("model_name", "model_kwargs")]
+        if missing:
+            raise PlanMismatchError(f"architecture description lacks {', '.join(sorted(missing))}")
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["grid"] = tuple(int(v) for v in kw["grid"])
+        kw["patch_size"] = tuple(int(v) for v in kw["patch_size"])
+        kw["model_kwargs"] = dict(kw.get("model_kwargs") or {})
+        return cls(**kw)
+
+    def shape_key(self) -> tuple:
+        """What must match between a plan/score file and a model (names and weights may differ)."""
+        return (self.depth, self.embed_dim, self.num_heads, self.head_dim, self.mlp_hidden,
+                self.num_prefix_tokens, tuple(self.grid))
+
+    def check_same_shape(self, other: "ArchSpec", what: str = "plan") -> None:
+        if self.shape_key() != other.shape_key():
+            raise PlanMismatchError(
+                f"{what} was made for another architecture ({_describe(other)}) "
+                f"but the model is {_describe(self)}")
+
+
+def _describe(s: ArchSpec) -> str:
+    return (f"depth {s.depth}, {s.num_heads} heads x {s.head_dim} dims, MLP {s.mlp_hidden}, "
+            f"{s.num_prefix_tokens}+{s.grid[0]}x{s.grid[1]} tokens")
+
+
+def _numel(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise UnsupportedModelError naming the first part ViT-Slim cannot handle."""
+    from timm.layers import Mlp
+    from timm.layers.attention import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a timm VisionTransformer "
+            "(ViT-Slim supports ViT/DeiT-style models: plain blocks, standard attention, GELU MLP)")
+    if getattr(model, "attn_pool", None) is not None:
+        raise UnsupportedModelError("attention-pool head (global_pool='map') is not supported")
+    if getattr(model, "dynamic_img_size", False):
+        raise UnsupportedModelError("dynamic_img_size=True is not supported: token masks need a fixed patch grid")
+    if not isinstance(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
+        raise UnsupportedModelError("patch dropout is not supported (set patch_drop_rate=0)")
+    pe = model.patch_embed
+    if not isinstance(getattr(pe, "proj", None), nn.Conv2d):
+        raise UnsupportedModelError(f"patch embedding {type(pe).__name__} without a Conv2d projection")
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block:
+            raise UnsupportedModelError(f"block {i} is {type(blk).__name__}; only timm's pre-norm Block is supported")
+        a = blk.attn
+        if type(a) is not Attention:
+            raise UnsupportedModelError(
+                f"block {i} attention is {type(a).__name__} (rope/other attention variants are not supported)")
+        for part in ("q_norm", "k_norm", "norm"):
+            if not isinstance(getattr(a, part, nn.Identity()), nn.Identity):
+                raise UnsupportedModelError(f"block {i} attention uses {part} (qk/scale norm is not supported)")
+        if getattr(a, "gate", None) is not None:
+            raise UnsupportedModelError(f"block {i} attention is gated (not supported)")
+        m = blk.mlp
+        if type(m) is not Mlp:
+            raise UnsupportedModelError(
+                f"block {i} MLP is {type(m).__name__} (SwiGLU/GLU MLPs are not supported, only timm Mlp)")
+        if not isinstance(m.norm, nn.Identity):
+            raise UnsupportedModelError(f"block {i} MLP has a hidden norm (scale_mlp_norm is not supported)")
+        if getattr(m, "use_conv", False):
+            raise UnsupportedModelError(f"block {i} MLP uses 1x1 convolutions (not supported)")
+
+
+def arch_spec(model: nn.Module, model_name: str = "", model_kwargs: dict | None = None) -> ArchSpec:
+    """Describe a supported timm ViT (raises UnsupportedModelError otherwise)."""
+    check_supported(model)
+    blk0 = model.blocks[0]
+    a, m = blk0.attn, blk0.mlp
+    shapes = {(b.attn.num_heads, b.attn.head_dim, b.mlp.fc1.out_features) for b in model.blocks}
+    if len(shapes) != 1:
+        raise UnsupportedModelError("blocks of different widths are not supported")
+    pe = model.patch_embed
+    has_dist = getattr(model, "head_dist", None) is not None
+    num_classes = int(getattr(model, "num_classes", 0))
+    masks_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("slim_masks."))
+    ls = blk0.ls1
+    return ArchSpec(
+        depth=len(model.blocks),
+        embed_dim=int(model.embed_dim),
+        num_heads=int(a.num_heads),
+        head_dim=int(a.head_dim),
+        mlp_hidden=int(m.fc1.out_features),
+        num_prefix_tokens=int(model.num_prefix_tokens),
+        grid=tuple(int(g) for g in pe.grid_size),
+        patch_size=tuple(int(p) for p in pe.proj.kernel_size),
+        in_chans=int(pe.proj.in_channels),
+        num_classes=num_classes,
+        num_out_heads=2 if has_dist else 1,
+        global_pool=str(model.global_pool),
+        qkv_bias=a.qkv.bias is not None,
+        proj_bias=a.proj.bias is not None,
+        fc1_bias=m.fc1.bias is not None,
+        fc2_bias=m.fc2.bias is not None,
+        norm1_params=_numel(blk0.norm1),
+        norm2_params=_numel(blk0.norm2),
+        ls_params=0 if isinstance(ls, nn.Identity) else _numel(ls),
+        dense_params=_numel(model) - masks_params,
+        model_name=model_name,
+        model_kwargs=dict(model_kwargs or {}),
+    )
