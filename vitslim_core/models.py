@@ -1,0 +1,452 @@
+"""Building models: timm names, hub weights, local checkpoints and the bundled digits demo ViT.
+
+``build_model`` returns the model and a JSON-able recipe; ``rebuild_model(recipe)`` makes the same
+architecture again (random init, no download), which is how saved runs record their model.
+Checkpoints are read with safetensors or ``torch.load(weights_only=True)``, never unpickled freely.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from .data import DIGITS_MEAN, DIGITS_STD
+from .errors import VitSlimError
+
+DEMO_MODEL = "digits-vit"
+
+# The demo: a small ViT for scikit-learn's 8x8 digits upscaled to 16x16 (8x8 grid of 2x2 patches,
+# so token masks have 64 positions to choose from, and 6 blocks for the FLOPs solver to balance).
+DEMO_ARCH: dict[str, Any] = dict(
+    img_size=16, patch_size=2, in_chans=1, num_classes=10,
+    embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0, qkv_bias=True,
+)
+
+# Training recipe that takes the demo from scratch to >= 97% on the held-out digits split in
+# about two minutes on two CPU cores (AdamW, linear warmup then cosine, random affine augmentation).
+DEMO_TRAIN: dict[str, Any] = dict(
+    epochs=40, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=3,
+    label_smoothing=0.1, drop_path_rate=0.0, augment=True,
+)
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+_DEMO_CFG: dict[str, Any] = dict(
+    architecture=DEMO_MODEL, input_size=(1, 16, 16), interpolation="bilinear", crop_pct=1.0,
+    crop_mode="center", mean=DIGITS_MEAN, std=DIGITS_STD, num_classes=10,
+    first_conv="patch_embed.proj", classifier="head",
+)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def build_model(name: str, *, pretrained: bool = False, checkpoint: str | Path | None = None,
+                num_classes: int | None = None, img_size: int | tuple[int, int] | None = None,
+                in_chans: int | None = None, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Create a timm model (or the digits demo), optionally with weights.
+
+    Args:
+        name: a timm model name (``deit_small_patch16_224``, tags allowed) or ``DEMO_MODEL``.
+        pretrained: download timm's pretrained weights (hub); offline this fails with a hint.
+        checkpoint: a local ``.safetensors``/``.pth``/``.pt``/``.bin`` state dict to load instead.
+            Unset ``num_classes``/``in_chans``/``img_size`` are taken from it; a different
+            ``num_classes`` drops its classifier, a different ``img_size`` resamples its
+            position embedding (timm's adaptation).
+        num_classes: classifier outputs (default: the checkpoint's, else the model's).
+        img_size: input side or (H, W).
+        in_chans: input channels.
+        **kwargs: further timm model arguments (``drop_path_rate``, ``global_pool``...), JSON-able.
+
+    Returns:
+        ``(model, recipe)``; ``rebuild_model(recipe)`` rebuilds the architecture.
+
+    Raises:
+        VitSlimError: unknown name, missing/corrupt checkpoint, weights that do not fit,
+            unreachable hub.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise VitSlimError(f"model name must be a non-empty string, got {name!r}")
+    name = name.strip()
+    if name != DEMO_MODEL:
+        _check_timm_name(name)
+    if pretrained and checkpoint is not None:
+        raise VitSlimError("use either pretrained=True (hub weights) or a checkpoint file, not both")
+    arch = dict(kwargs)
+    for key, value in (("num_classes", num_classes), ("img_size", img_size), ("in_chans", in_chans)):
+        if value is not None:
+            arch[key] = _jsonable_size(value) if key == "img_size" else value
+    _check_jsonable(arch)
+
+    if checkpoint is not None:
+        path = _check_checkpoint_path(checkpoint)
+        shapes = _checkpoint_shapes(path)
+        arch = _fill_from_checkpoint(name, arch, shapes)
+        model = _load_demo(path, arch) if name == DEMO_MODEL else _load_timm(name, path, arch, shapes)
+    elif pretrained:
+        if name == DEMO_MODEL:
+            raise VitSlimError(f"{DEMO_MODEL} has no downloadable weights; train it or pass --checkpoint FILE")
+        model = _create_timm(name, arch, pretrained=True)
+    else:
+        model = _construct(name, arch)
+    return model, make_recipe(name, model, arch)
+
+
+def rebuild_model(recipe: dict[str, Any]) -> nn.Module:
+    """Rebuild the architecture a recipe describes, with random weights and no download.
+
+    Args:
+        recipe: ``{"name": str, "kwargs": dict}`` as returned by ``build_model``.
+
+    Raises:
+        VitSlimError: a malformed recipe or one timm cannot build.
+    """
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("name"), str) \
+            or not isinstance(recipe.get("kwargs", {}), dict):
+        raise VitSlimError('model recipe must look like {"name": "<model>", "kwargs": {...}}')
+    unknown = sorted(set(recipe) - {"name", "kwargs"})
+    if unknown:
+        raise VitSlimError(f"model recipe has unknown fields: {', '.join(unknown)}")
+    model, _ = build_model(recipe["name"], **dict(recipe.get("kwargs", {})))
+    return model
+
+
+def make_recipe(name: str, model: nn.Module, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON-able recipe of a built model: its name plus the kwargs that fix its architecture."""
+    kw = dict(kwargs or {})
+    kw["num_classes"] = int(getattr(model, "num_classes", kw.get("num_classes", 0)))
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "img_size", None) is not None:
+        kw["img_size"] = _jsonable_size(tuple(int(v) for v in pe.img_size))
+    proj = getattr(pe, "proj", None)
+    if isinstance(proj, nn.Conv2d):
+        kw["in_chans"] = int(proj.in_channels)
+    if name == DEMO_MODEL:
+        # the demo's whole architecture goes in the recipe, so old runs survive new defaults
+        kw = {**DEMO_ARCH, **kw}
+        kw["patch_size"] = _jsonable_size(kw["patch_size"])
+    _check_jsonable(kw)
+    return {"name": name, "kwargs": kw}
+
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """Preprocessing the model expects: input_size (C, H, W), mean, std, interpolation, crop_pct.
+
+    timm's pretrained config, corrected to the model's real input size and channel count (timm
+    reports the pretrained resolution even when the model was built for another one).
+    """
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config(model=model) if getattr(model, "pretrained_cfg", None) else \
+        resolve_data_config(args={})
+    c, h, w = cfg["input_size"]
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "img_size", None) is not None:
+        h, w = (int(v) for v in pe.img_size)
+    proj = getattr(pe, "proj", None)
+    if isinstance(proj, nn.Conv2d):
+        c = int(proj.in_channels)
+    out = {
+        "input_size": (c, h, w),
+        "mean": _stats_for_channels(cfg["mean"], c),
+        "std": _stats_for_channels(cfg["std"], c),
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "crop_pct": float(cfg.get("crop_pct", 0.875)),
+        "crop_mode": cfg.get("crop_mode", "center"),
+    }
+    return out
+
+
+def is_demo_model(model: nn.Module) -> bool:
+    """Whether a model was built as the digits demo."""
+    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") == DEMO_MODEL
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+def _build_demo(**kwargs: Any) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    kw = {**DEMO_ARCH, **kwargs}
+    try:
+        model = VisionTransformer(**kw)
+    except TypeError as err:
+        raise VitSlimError(f"{DEMO_MODEL} does not accept these arguments: {_first_line(err)}") from None
+    cfg = dict(_DEMO_CFG)
+    cfg["num_classes"] = model.num_classes
+    # timm sets pretrained_cfg on every model it builds; data_config() reads the digits stats here
+    model.pretrained_cfg = cfg
+    return model
+
+
+def _create_timm(name: str, arch: dict[str, Any], **extra: Any) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, **arch, **extra)
+    except TypeError as err:
+        raise VitSlimError(f"{name} does not accept these arguments: {_first_line(err)}") from None
+    except Exception as err:
+        if not extra.get("pretrained"):
+            raise VitSlimError(f"cannot build {name}: {_first_line(err)}") from None
+        raise VitSlimError(f"cannot get pretrained weights for {name} ({_first_line(err)}); "
+                           "download them where there is internet and pass --checkpoint FILE") from None
+
+
+def _construct(name: str, arch: dict[str, Any]) -> nn.Module:
+    return _build_demo(**arch) if name == DEMO_MODEL else _create_timm(name, arch)
+
+
+def _check_timm_name(name: str) -> None:
+    import timm
+    from timm.models import split_model_name_tag
+
+    base, _ = split_model_name_tag(name)
+    if timm.is_model(base):
+        return
+    choices = [*timm.list_models(), DEMO_MODEL]
+    close = difflib.get_close_matches(base, choices, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('*vit*')"
+    raise VitSlimError(f"unknown model {name!r}{hint}")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _check_checkpoint_path(checkpoint: str | Path) -> Path:
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise VitSlimError(f"checkpoint {path} does not exist")
+    if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise VitSlimError(f"checkpoint {path} should be one of {', '.join(CHECKPOINT_SUFFIXES)}")
+    return path
+
+
+def _read_state_dict(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint (unwrapping ``state_dict``/``model``/EMA keys and ``module.``)."""
+    from timm.models import clean_state_dict
+
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            ckpt: Any = load_file(str(path), device="cpu")
+        else:
+            try:
+                ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                # old (non-zip) torch files cannot be memory-mapped
+                ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors, pickle and zip readers raise different types
+        raise VitSlimError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+    if isinstance(ckpt, dict):
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if isinstance(ckpt.get(key), dict):
+                ckpt = ckpt[key]
+                break
+    if not isinstance(ckpt, dict) or not ckpt or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise VitSlimError(f"checkpoint {path} holds no state dict of tensors")
+    return clean_state_dict(ckpt)
+
+
+def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    if path.suffix.lower() == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:  # reads the header only
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as err:
+            raise VitSlimError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+        if not shapes:
+            raise VitSlimError(f"checkpoint {path} holds no tensors")
+        return shapes
+    return {k: tuple(v.shape) for k, v in _read_state_dict(path, mmap=True).items()}
+
+
+def _model_cfg(name: str) -> dict[str, Any]:
+    if name == DEMO_MODEL:
+        return dict(_DEMO_CFG)
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def _as_tuple(value: Any) -> tuple:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _fill_from_checkpoint(name: str, arch: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Take num_classes, in_chans and img_size from the checkpoint where the caller left them unset."""
+    arch = dict(arch)
+    cfg = _model_cfg(name)
+    classifiers = _as_tuple(cfg.get("classifier", "head"))
+    head = shapes.get(f"{classifiers[0]}.weight") if classifiers else None
+    if "num_classes" not in arch and head is not None:
+        arch["num_classes"] = int(head[0])
+    first_conv = _as_tuple(cfg.get("first_conv", "patch_embed.proj"))
+    conv = shapes.get(f"{first_conv[0]}.weight") if first_conv else None
+    if "in_chans" not in arch and conv is not None and len(conv) == 4:
+        arch["in_chans"] = int(conv[1])
+    pos = shapes.get("pos_embed")
+    if "img_size" not in arch and pos is not None and len(pos) == 3:
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            probe = _construct(name, arch)
+        if hasattr(probe, "pos_embed") and getattr(probe, "pos_embed") is not None \
+                and tuple(probe.pos_embed.shape) != pos and hasattr(probe, "patch_embed"):
+            prefix = 0 if getattr(probe, "no_embed_class", False) else int(getattr(probe, "num_prefix_tokens", 0))
+            side = math.isqrt(max(pos[1] - prefix, 0))
+            if side > 0 and side * side == pos[1] - prefix:
+                ph, pw = probe.patch_embed.patch_size
+                arch["img_size"] = _jsonable_size((side * ph, side * pw))
+    return arch
+
+
+def _load_demo(path: Path, arch: dict[str, Any]) -> nn.Module:
+    model = _build_demo(**arch)
+    state = _read_state_dict(path)
+    own = model.state_dict()
+    head_rows = state.get("head.weight")
+    if head_rows is not None and head_rows.shape != own["head.weight"].shape:
+        # a different num_classes was asked for: start that head afresh, load the rest strictly
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        state.update({k: v for k, v in own.items() if k.startswith("head.")})
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise VitSlimError(f"checkpoint {path} does not fit {DEMO_MODEL}: {_load_problem(err)}") from None
+    return model
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def _timm_load_messages() -> Iterator[list[str]]:
+    """Collect what timm's loader logs (it reports keys it skipped only through logging)."""
+    logger = logging.getLogger("timm.models._builder")
+    handler, level = _Records(), logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _load_timm(name: str, path: Path, arch: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> nn.Module:
+    cfg = _model_cfg(name)
+    classifiers = _as_tuple(cfg.get("classifier"))
+    head = shapes.get(f"{classifiers[0]}.weight") if classifiers else None
+    overlay: dict[str, Any] = dict(file=str(path))
+    # tell timm what the checkpoint holds, so it keeps the head (and the input conv) when they fit
+    overlay["num_classes"] = int(head[0]) if head is not None else -1
+    first_conv = _as_tuple(cfg.get("first_conv"))
+    conv = shapes.get(f"{first_conv[0]}.weight") if first_conv else None
+    if conv is not None and len(conv) == 4 and cfg.get("input_size"):
+        overlay["input_size"] = (int(conv[1]), *cfg["input_size"][1:])
+    import timm
+
+    try:
+        with _timm_load_messages() as messages:
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **arch)
+    except TypeError as err:
+        raise VitSlimError(f"{name} does not accept these arguments: {_first_line(err)}") from None
+    except Exception as err:  # torch/timm raise RuntimeError, KeyError, AssertionError... on misfits
+        raise VitSlimError(f"checkpoint {path} does not fit {name}: {_load_problem(err)}") from None
+    # timm loads non-strictly once it drops a head; anything but the head left out is an error
+    skipped = [k for k in _keys_in(messages, "Missing") + _keys_in(messages, "Unexpected")
+               if k.rsplit(".", 1)[0] not in classifiers]
+    if skipped:
+        more = f" (+{len(skipped) - 3} more)" if len(skipped) > 3 else ""
+        raise VitSlimError(f"checkpoint {path} does not fit {name}: weights {', '.join(skipped[:3])}{more} "
+                           "are missing or extra")
+    return model
+
+
+def _keys_in(messages: list[str], kind: str) -> list[str]:
+    keys: list[str] = []
+    for msg in messages:
+        m = re.match(rf"{kind} keys \((.*)\) (discovered|found)", msg)
+        if m:
+            keys += [k.strip() for k in m.group(1).split(",") if k.strip()]
+    return keys
+
+
+def _load_problem(err: BaseException) -> str:
+    """One line out of torch's multi-line load_state_dict error."""
+    text = str(err)
+    problems = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()]
+    if not problems:
+        return _first_line(err)
+    first = problems[0]
+    m = re.match(r"size mismatch for ([\w.]+): copying a param with shape torch.Size\((\[.*?\])\) from "
+                 r"checkpoint, the shape in current model is torch.Size\((\[.*?\])\)", first)
+    if m:
+        first = f"{m.group(1)} is {m.group(2)} in the checkpoint but {m.group(3)} in the model"
+    elif len(first) > 200:
+        first = first[:200] + "..."
+    more = f" (+{len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    return first + more
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _stats_for_channels(values: Any, chans: int) -> tuple[float, ...]:
+    vals = tuple(float(v) for v in _as_tuple(values))
+    if len(vals) == chans:
+        return vals
+    # e.g. a gray model with RGB statistics: one averaged value per channel
+    return (sum(vals) / len(vals),) * chans
+
+
+def _jsonable_size(value: Any) -> int | list[int]:
+    if isinstance(value, (tuple, list)):
+        vals = [int(v) for v in value]
+        return vals[0] if len(vals) == 2 and vals[0] == vals[1] else vals
+    return int(value)
+
+
+def _check_jsonable(kwargs: dict[str, Any]) -> None:
+    try:
+        json.dumps(kwargs)
+    except (TypeError, ValueError):
+        bad = [k for k, v in kwargs.items() if not _is_jsonable(v)]
+        raise VitSlimError(f"model arguments must be plain JSON values (numbers, strings, lists); "
+                           f"not {', '.join(bad) or 'these'}") from None
+
+
+def _is_jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]

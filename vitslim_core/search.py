@@ -1,0 +1,258 @@
+"""The search job: learn ViT-Slim score masks on a pretrained timm ViT in one training run.
+
+loss = task loss (cross-entropy, optionally distilled from the unmasked model)
+     + w_attn * sum|attn| + w_mlp * sum|mlp| + w_token * sum|tanh-token|
+
+The run folder gets ``scores.safetensors``, ``model.safetensors`` and ``history.json``; a checkpoint is
+written every ``checkpoint_every`` steps and at every epoch end, so ``resume=True`` continues exactly.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ScoreFileError, VitSlimError
+from .io import atomic_save, atomic_write_json
+from .masks import ATTN_MODES, add_masks, get_masks, is_mask_param, remove_masks
+from .scores import MaskScores
+from .train import (DistInfo, LoopConfig, cleanup_distributed, distill_loss, param_groups, run_loop,
+                    setup_distributed)
+
+ALIVE = 0.1  # a unit whose |mask value| is below this counts as "pruned" in progress displays
+
+
+@dataclass
+class SearchConfig(LoopConfig):
+    """Everything a search needs; it is also what the run folder records.
+
+    Paper defaults for DeiT-S: w_attn 2e-4, w_mlp 5e-5, w_token 1e-4.
+    """
+
+    model: str = "digits-vit"
+    data: str = "digits"
+    out: str = "runs/search"
+    pretrained: bool = False
+    checkpoint: str | None = None
+    img_size: int | None = None
+    attn_mode: str = "head_dim"
+    w_attn: float = 2e-4
+    w_mlp: float = 5e-5
+    w_token: float = 1e-4
+    search_attn: bool = True
+    search_mlp: bool = True
+    search_token: bool = True
+    distill: bool = False
+    distill_tau: float = 1.0
+    distill_alpha: float = 0.5
+    masks_only: bool = False
+    mask_lr: float | None = None
+    drop_path: float = 0.0
+    augment: bool = True
+    epochs: int = 10
+    lr: float = 1e-4
+
+    def validate(self) -> None:
+        if self.attn_mode not in ATTN_MODES:
+            raise VitSlimError(f"--attn-mode must be one of {', '.join(ATTN_MODES)}")
+        for k in ("w_attn", "w_mlp", "w_token", "lr", "weight_decay"):
+            if getattr(self, k) < 0:
+                raise VitSlimError(f"{k} must be >= 0")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise VitSlimError("epochs and batch size must be positive")
+        if not (self.search_attn or self.search_mlp or self.search_token):
+            raise VitSlimError("nothing to search: enable at least one of attention, MLP and tokens")
+
+
+@dataclass
+class SearchResult:
+    run_dir: Path
+    scores: MaskScores
+    history: dict[str, Any] = field(repr=False)
+
+
+def versions() -> dict[str, str]:
+    import timm
+    from . import __version__
+    return {"vitslim": __version__, "timm": timm.__version__, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def prepare(cfg: SearchConfig):
+    """Build the model (with its weights) and the data for a search or retrain."""
+    from .data import load_data
+    from .models import build_model, data_config
+    n_cls = num_classes_of(cfg.data)
+    kw = {"drop_path_rate": cfg.drop_path} if cfg.drop_path else {}
+    model, recipe = build_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
+                                num_classes=n_cls, img_size=cfg.img_size, **kw)
+    dcfg = data_config(model)
+    bundle = load_data(cfg.data, img_size=tuple(dcfg["input_size"][1:]), in_chans=dcfg["input_size"][0],
+                       mean=dcfg["mean"], std=dcfg["std"], interpolation=dcfg.get("interpolation", "bicubic"),
+                       crop_pct=dcfg.get("crop_pct", 0.875), augment=cfg.augment, seed=cfg.seed)
+    data_meta = {"name": cfg.data, "class_names": list(bundle.class_names), "num_classes": bundle.num_classes,
+                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dcfg.items()}}
+    return model, recipe, bundle, data_meta
+
+
+def num_classes_of(data: str) -> int:
+    """Classes of a dataset spec without loading it (the model head must be built first)."""
+    from .errors import DataError
+    kind, _, path = data.partition(":")
+    fixed = {"digits": 10, "synthetic": 10, "cifar10": 10, "cifar100": 100}
+    if kind == "imagefolder":
+        train = Path(path) / "train"
+        if not train.is_dir() or not (Path(path) / "val").is_dir():
+            raise DataError(f"data path {path} has no train/ and val/ folders (ImageNet layout)")
+        n = sum(1 for p in train.iterdir() if p.is_dir())
+        if n == 0:
+            raise DataError(f"{train} has no class folders")
+        return n
+    if kind in fixed:
+        return fixed[kind]
+    raise DataError(f"unknown dataset {data!r}: use digits, synthetic[:N], imagefolder:PATH, cifar10:PATH or cifar100:PATH")
+
+
+def search(cfg: SearchConfig | None = None, *, resume: bool = False,
+           on_log: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
+           **overrides: Any) -> SearchResult:
+    """Run a ViT-Slim search and write the run folder ``cfg.out``.
+
+    Args:
+        cfg: settings; keyword ``overrides`` replace its fields (``search(epochs=2, data="digits")``).
+        resume: continue from ``out/checkpoint.pt``.
+        on_log: receives every history record (for live plots).
+        should_stop: polled every step; True stops after a checkpoint (resume later).
+    """
+    cfg = dataclasses.replace(cfg or SearchConfig(), **overrides)
+    cfg.validate()
+    run_dir = Path(cfg.out)
+    di = setup_distributed(cfg.device)
+    try:
+        torch.manual_seed(cfg.seed)
+        model, recipe, bundle, data_meta = prepare(cfg)
+        teacher = None
+        if cfg.distill:
+            teacher = copy.deepcopy(model).eval().requires_grad_(False).to(di.device)
+        add_masks(model, cfg.attn_mode)
+        masks = get_masks(model)
+        frozen = {"attn": not cfg.search_attn, "mlp": not cfg.search_mlp, "token": not cfg.search_token}
+        for kind, off in frozen.items():
+            for m in getattr(masks, kind):
+                m.score.requires_grad_(not off)
+        model.to(di.device)
+        trainable = None
+        if cfg.masks_only:
+            trainable = lambda n, p: is_mask_param(n) or "norm" in n  # noqa: E731
+        groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.mask_lr, trainable)
+        for g in groups:  # frozen score dims must not sneak back in through their group
+            g["params"] = [p for p in g["params"] if p.requires_grad]
+        groups = [g for g in groups if g["params"]]
+        step_fn = _search_step(masks, cfg, teacher)
+        meta = {"model": recipe, "data": data_meta, "versions": versions(),
+                "search": {**{k: v for k, v in asdict(cfg).items()},
+                           "searched": {"attn": cfg.search_attn, "mlp": cfg.search_mlp, "token": cfg.search_token}}}
+
+        def write_run(history: dict) -> None:
+            write_run_folder(run_dir, model, meta, history)
+
+        if di.master:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        history = run_loop(model, step_fn, bundle.train, bundle.test, cfg, run_dir, groups, di, resume=resume,
+                           on_log=on_log, on_checkpoint=write_run, should_stop=should_stop, desc="search")
+        history["config"] = meta["search"]
+        if di.master:
+            write_run(history)
+        scores = MaskScores.from_model(model, meta)
+        return SearchResult(run_dir, scores, history)
+    finally:
+        cleanup_distributed()
+
+
+def _search_step(masks, cfg: SearchConfig, teacher: nn.Module | None):
+    w = (cfg.w_attn if cfg.search_attn else 0.0, cfg.w_mlp if cfg.search_mlp else 0.0,
+         cfg.w_token if cfg.search_token else 0.0)
+
+    def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        logits = model(x)
+        task = F.cross_entropy(logits, y)
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(x)
+            task = (1 - cfg.distill_alpha) * task + cfg.distill_alpha * distill_loss(logits, t_logits, cfg.distill_tau)
+        la, lm, lt = masks.l1_terms()
+        loss = task + w[0] * la + w[1] * lm + w[2] * lt
+        with torch.no_grad():
+            logs = {"task_loss": float(task), "acc": 100.0 * float((logits.argmax(1) == y).float().mean()),
+                    **alive_fractions(masks)}
+        return loss, logs
+    return step_fn
+
+
+@torch.no_grad()
+def alive_fractions(masks) -> dict[str, float]:
+    """Fraction of units per dimension whose |mask value| >= ALIVE."""
+    a = torch.cat([m.per_dim().reshape(-1) for m in masks.attn])
+    m = torch.cat([s.score for s in masks.mlp])
+    t = torch.cat([s.value() for s in masks.token])
+    return {k: float((v.abs() >= ALIVE).float().mean()) for k, v in (("attn", a), ("mlp", m), ("token", t))}
+
+
+def _snapshot(masks) -> dict[str, list[float]]:
+    """Per-layer mean |score| per dimension: small enough to keep for every log record."""
+    with torch.no_grad():
+        return {"attn": [float(m.per_dim().abs().mean()) for m in masks.attn],
+                "mlp": [float(m.score.abs().mean()) for m in masks.mlp],
+                "token": [float(m.value().abs().mean()) for m in masks.token]}
+
+
+def write_run_folder(run_dir: Path, model: nn.Module, meta: dict, history: dict) -> None:
+    """Write scores, weights (without masks) and history, each atomically."""
+    from safetensors.torch import save_file
+    run_dir = Path(run_dir)
+    masks = get_masks(model)
+    snaps = history.setdefault("snapshots", [])
+    step = history["log"][-1]["step"] if history.get("log") else 0
+    if not snaps or snaps[-1]["step"] != step:
+        snaps.append({"step": step, **_snapshot(masks)})
+    scores = MaskScores.from_model(model, {**meta, "eval": history["eval"][-1] if history.get("eval") else None,
+                                           "complete": bool(history.get("complete"))})
+    scores.save(run_dir / "scores.safetensors")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not is_mask_param(k)}
+    atomic_save(run_dir / "model.safetensors",
+                lambda tmp: save_file(state, str(tmp), metadata={"format": "vitslim-weights",
+                                                                  "model": json.dumps(meta["model"])}))
+    atomic_write_json(run_dir / "history.json", {**history, "meta": {k: meta[k] for k in ("model", "data")}})
+
+
+def load_run(run_dir: str | Path, with_masks: bool = True) -> tuple[MaskScores, nn.Module]:
+    """Load a run folder: its scores and the searched model (weights; masks set to the scores)."""
+    from safetensors.torch import load_file
+    from .models import rebuild_model
+    run_dir = Path(run_dir)
+    scores = MaskScores.load(run_dir)
+    recipe = scores.model_recipe
+    if not recipe:
+        raise ScoreFileError(f"{run_dir} does not say which model it was made for")
+    wpath = run_dir / "model.safetensors"
+    if not wpath.is_file():
+        raise ScoreFileError(f"{run_dir} has no model.safetensors (searched weights are needed here)")
+    model = rebuild_model(recipe)
+    try:
+        state = load_file(str(wpath))
+        model.load_state_dict(state, strict=True)
+    except Exception as e:  # noqa: BLE001 - corrupt or foreign weights
+        raise ScoreFileError(f"{wpath} does not fit the model of the score file ({str(e).splitlines()[0][:120]})") from None
+    model.eval()
+    if with_masks:
+        add_masks(model, scores.attn_mode)
+        scores.load_into(model)
+    return scores, model

@@ -1,0 +1,404 @@
+"""The training loop shared by search and retrain: plain, resumable, DDP-ready.
+
+One process per device; ``torchrun`` sets RANK/WORLD_SIZE/LOCAL_RANK. Every rank sees its slice of
+the same *global* batches as a single-process run (``GlobalBatchSampler``), gradients are averaged by
+DDP, so a run gives the same result on 1 or N processes. Checkpoints hold everything needed to
+continue bit-for-bit: weights, optimizer, step, RNG states, history.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .errors import VitSlimError
+from .io import atomic_save
+from .masks import is_mask_param
+
+
+# ----------------------------------------------------------------------------- distributed
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group when RANK/WORLD_SIZE are set; pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world <= 1:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", 0)
+        return DistInfo(device=dev)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local, dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Yields this rank's share of each global batch of a seeded per-epoch permutation.
+
+    Rank r of W gets items [r*b:(r+1)*b] of every global batch of size W*b, so the union over ranks
+    is exactly what a single process with batch W*b sees. ``start`` skips batches already done
+    (resume in the middle of an epoch).
+    """
+
+    def __init__(self, n: int, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = True) -> None:
+        if global_batch % world:
+            raise VitSlimError(f"batch size {global_batch} is not divisible by {world} processes")
+        self.n, self.gb, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        full = self.n // self.gb
+        return (full if self.drop_last or self.n % self.gb == 0 else full + 1) - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        b = self.gb // self.world
+        for i in range(self.start, self.start + len(self)):
+            batch = order[i * self.gb:(i + 1) * self.gb]
+            yield batch[self.rank * b:(self.rank + 1) * b] if len(batch) == self.gb else batch[self.rank::self.world]
+
+
+def steps_per_epoch(n: int, global_batch: int) -> int:
+    steps = n // global_batch
+    if steps == 0:
+        raise VitSlimError(f"the training set has {n} images, fewer than one batch of {global_batch}")
+    return steps
+
+
+def make_loader(dataset: Dataset, sampler: Sampler, num_workers: int, device: torch.device,
+                seed: int) -> DataLoader:
+    # a private generator keeps the global RNG untouched, so resuming replays the same random draws
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------- optimizer
+def param_groups(model: nn.Module, weight_decay: float, lr: float, mask_lr: float | None,
+                 trainable: Callable[[str, nn.Parameter], bool] | None = None) -> list[dict]:
+    """AdamW groups: weights with decay; norms, biases, tokens, pos embeds without; masks on their own."""
+    decay, no_decay, masks = [], [], []
+    for name, p in model.named_parameters():
+        if trainable is not None and not trainable(name, p):
+            p.requires_grad_(False)
+        if not p.requires_grad:
+            continue
+        if is_mask_param(name):
+            masks.append(p)
+        elif p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "lr": lr, "name": "no_decay"}]
+    if masks:
+        groups.append({"params": masks, "weight_decay": 0.0, "lr": mask_lr or lr, "name": "masks"})
+    return [g for g in groups if g["params"]]
+
+
+class CosineSchedule:
+    """Linear warm-up then cosine decay, by optimizer step; each group keeps its own base lr."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
+                 min_lr_ratio: float = 0.01) -> None:
+        self.opt, self.total, self.warmup, self.min_ratio = optimizer, max(1, total_steps), warmup_steps, min_lr_ratio
+        for g in optimizer.param_groups:
+            g.setdefault("base_lr", g["lr"])
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    def step(self, step: int) -> float:
+        f = self.factor(step)
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * f
+        return f
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed every RNG from (seed, rank, step): a resumed run replays the same dropout/mixup draws."""
+    import numpy as np
+    s = (seed * 1_000_003 + rank * 7_919 + step) % (2**31)
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_save(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a training checkpoint with ``weights_only=True`` (no arbitrary unpickling)."""
+    if not Path(path).is_file():
+        raise VitSlimError(f"no checkpoint to resume from at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means an unusable checkpoint
+        raise VitSlimError(f"checkpoint {path} is damaged or not a vitslim checkpoint "
+                           f"({type(e).__name__})") from None
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128, device: str | torch.device = "cpu",
+             num_workers: int = 0, dist_info: DistInfo | None = None,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """Top-1/top-5 accuracy (in %) and mean cross-entropy of a model on a dataset.
+
+    Under DDP every rank evaluates its shard and the sums are all-reduced.
+    """
+    device = torch.device(device)
+    di = dist_info or DistInfo(device=device)
+    was_training = model.training
+    model.eval()
+    idx = list(range(di.rank, len(dataset), di.world))
+    loader = DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss, n
+    total = len(loader)
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device):
+            logits = model(x)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top.eq(y[:, None])
+        sums += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), F.cross_entropy(logits, y, reduction="sum"),
+                             torch.tensor(float(len(y)), device=device)]).double()
+        if progress is not None:
+            progress(i + 1, total)
+    if di.ddp:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    n = max(1.0, float(sums[3]))
+    return {"top1": 100 * float(sums[0]) / n, "top5": 100 * float(sums[1]) / n, "loss": float(sums[2]) / n,
+            "n": int(sums[3])}
+
+
+def autocast(device: str | torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA (fp16 where bf16 is missing); a no-op on CPU."""
+    device = torch.device(device)
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- the loop
+@dataclass
+class LoopConfig:
+    """Settings of the shared loop (search and retrain extend these)."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.01
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    grad_clip: float = 0.0
+    max_steps: int = 0
+    seed: int = 0
+    amp: bool = True
+    device: str = "auto"
+    num_workers: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0
+    eval_batch_size: int = 128
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+class Stopped(Exception):
+    """Raised inside the loop when the caller asked it to stop (the last checkpoint is kept)."""
+
+
+def run_loop(model: nn.Module, step_fn: StepFn, train_set: Dataset, test_set: Dataset | None,
+             cfg: LoopConfig, run_dir: Path, groups: list[dict], di: DistInfo, *, resume: bool = False,
+             on_log: Callable[[dict], None] | None = None, on_checkpoint: Callable[[dict], None] | None = None,
+             should_stop: Callable[[], bool] | None = None, desc: str = "train") -> dict[str, Any]:
+    """Train ``model`` (already on ``di.device``) with AdamW and the cosine schedule.
+
+    Args:
+        step_fn: ``(model, x, y) -> (loss, logs)``; logs are floats shown in the bar and the history.
+        groups: optimizer parameter groups (see ``param_groups``).
+        resume: continue from ``run_dir/checkpoint.pt``.
+        on_log: called on the master with every history record (the app draws live curves).
+        on_checkpoint: called on the master after each checkpoint with the history.
+        should_stop: polled every step; True stops cleanly after saving a checkpoint.
+
+    Returns:
+        The history dict: ``log`` (per log_every steps), ``eval`` (per epoch), ``complete``.
+    """
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "checkpoint.pt"
+    raw = model
+    if di.ddp:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[di.device.index] if di.device.type == "cuda" else None)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+    spe = steps_per_epoch(len(train_set), cfg.batch_size)
+    total = cfg.epochs * spe if cfg.max_steps <= 0 else min(cfg.max_steps, cfg.epochs * spe)
+    sched = CosineSchedule(opt, total, cfg.warmup_steps, cfg.min_lr_ratio)
+    use_amp = cfg.amp and di.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
+    history: dict[str, Any] = {"log": [], "eval": [], "complete": False, "total_steps": total,
+                               "steps_per_epoch": spe, "world_size": di.world}
+    step = 0
+    if resume:
+        st = load_checkpoint(ckpt_path)
+        try:
+            raw.load_state_dict(st["model"], strict=True)
+            opt.load_state_dict(st["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise VitSlimError(f"checkpoint {ckpt_path} does not fit this model/config ({str(e).splitlines()[0][:100]})") from None
+        scaler.load_state_dict(st.get("scaler", {})) if st.get("scaler") else None
+        step = int(st["step"])
+        history = st["history"]
+
+    sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, di.rank, di.world, seed=cfg.seed)
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not di.master or not _bar_enabled(), dynamic_ncols=True)
+    t0, seen, window = time.perf_counter(), 0, []
+    model.train()
+
+    def checkpoint() -> None:
+        if di.master:
+            save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(),
+                                        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                                        "step": step, "history": history,
+                                        "config": _plain(cfg.to_dict())})
+            if on_checkpoint is not None:
+                on_checkpoint(history)
+        if di.ddp:
+            dist.barrier()
+
+    try:
+        while step < total:
+            epoch, start = divmod(step, spe)
+            sampler.set_epoch(epoch, start)
+            if hasattr(train_set, "set_epoch"):
+                train_set.set_epoch(epoch)
+            loader = make_loader(train_set, sampler, cfg.num_workers, di.device, cfg.seed + epoch)
+            for x, y in loader:
+                if should_stop is not None and should_stop():
+                    raise Stopped()
+                x, y = x.to(di.device, non_blocking=True), y.to(di.device, non_blocking=True)
+                sched.step(step)
+                seed_step(cfg.seed, di.rank, step)
+                with autocast(di.device, use_amp):
+                    loss, logs = step_fn(model, x, y)
+                if not torch.isfinite(loss):
+                    raise VitSlimError(f"the loss became {loss.item()} at step {step}: lower the learning rate")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(opt)
+                    nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                step += 1
+                seen += x.shape[0] * di.world
+                window.append({"loss": float(loss.detach()), **logs})
+                if step % cfg.log_every == 0 or step == total or step % spe == 0:
+                    rec = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                    rec.update(step=step, epoch=step / spe, lr=opt.param_groups[0]["lr"],
+                               images_per_s=seen / max(1e-9, time.perf_counter() - t0))
+                    window = []
+                    history["log"].append(rec)
+                    bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in rec.items()
+                                     if k in ("loss", "acc", "attn", "mlp", "token")}, refresh=False)
+                    if on_log is not None and di.master:
+                        on_log(rec)
+                bar.update(1)
+                if step % spe == 0 and test_set is not None:
+                    ev = evaluate(raw, test_set, cfg.eval_batch_size, di.device, cfg.num_workers, di)
+                    ev.update(step=step, epoch=step // spe)
+                    history["eval"].append(ev)
+                    if on_log is not None and di.master:
+                        on_log({"eval": ev, "step": step})
+                    model.train()
+                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step % spe == 0 or step == total:
+                    checkpoint()
+                if step >= total:
+                    break
+    except Stopped:
+        checkpoint()
+        history["stopped"] = True
+    finally:
+        bar.close()
+    history["complete"] = step >= total
+    history["train_seconds"] = history.get("train_seconds", 0.0) + (time.perf_counter() - t0)
+    return history
+
+
+def _bar_enabled() -> bool:
+    return os.environ.get("VITSLIM_NO_PROGRESS", "") in ("", "0")
+
+
+def _plain(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0,
+                 hard: bool = False) -> torch.Tensor:
+    """Soft (KL at temperature tau) or hard (cross-entropy on the teacher's argmax) distillation."""
+    if hard:
+        return F.cross_entropy(student_logits, teacher_logits.argmax(dim=1))
+    return F.kl_div(F.log_softmax(student_logits / tau, dim=1), F.log_softmax(teacher_logits / tau, dim=1),
+                    reduction="batchmean", log_target=True) * tau * tau
