@@ -193,6 +193,241 @@ def add_plan(sub) -> None:
     p.set_defaults(func=cmd_plan)
 
 
+# ----------------------------------------------------------------------------- slim / retrain / eval
+def _plan_from_args(scores, a: argparse.Namespace):
+    from .plan import SlimPlan
+    if getattr(a, "plan", None):
+        if a.flops is not None or any(v is not None for v in (a.attn, a.mlp, a.token)):
+            raise VitSlimError("give either --plan or a budget, not both")
+        plan = SlimPlan.load(a.plan)
+        scores.spec.check_same_shape(plan.spec, f"plan file {a.plan}")
+        return plan
+    return make_plan(scores, a)
+
+
+def cmd_slim(a: argparse.Namespace) -> int:
+    from .export import export_onnx, export_program
+    from .search import load_run
+    from .slim import save_slim, slim_model
+    scores, model = load_run(a.run)
+    plan = _plan_from_args(scores, a)
+    slim = slim_model(model, plan)
+    slim.slim_data = scores.meta.get("data") or {}
+    out = save_slim(slim, a.out)
+    c = plan.cost
+    print(f"slim model: {c.gflops:.4g} GFLOPs ({100 * c.flops_ratio:.1f}% of dense), "
+          f"{c.params / 1e6:.3f} M params ({100 * c.params_ratio:.1f}%) -> {out}")
+    if a.export:
+        path = export_program(slim, Path(a.out) / "model.pt2")
+        print(f"exported program: {path}")
+    if a.onnx:
+        path = export_onnx(slim, Path(a.out) / "model.onnx")
+        print(f"exported ONNX: {path}")
+    return 0
+
+
+def add_slim(sub) -> None:
+    p = sub.add_parser("slim", help="make the physically smaller model for a budget",
+                       description="Slice the searched model's weights to a plan: a smaller nn.Module that "
+                                   "needs no masks, saved as model.safetensors + slim.json.")
+    p.add_argument("run", help="search run folder (scores.safetensors + model.safetensors)")
+    _add_budget_args(p)
+    p.add_argument("--plan", help="a plan JSON file (from vitslim plan --save) instead of a budget")
+    p.add_argument("--out", required=True, help="folder to write the slim model to")
+    p.add_argument("--export", action="store_true", help="also write a torch.export program model.pt2")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx package)")
+    p.set_defaults(func=cmd_slim)
+
+
+def cmd_retrain(a: argparse.Namespace) -> int:
+    from .retrain import RetrainConfig, retrain
+    cfg = RetrainConfig(run=a.run, out=a.out, plan=a.plan, flops=a.flops, attn=a.attn, mlp=a.mlp, token=a.token,
+                        multiple=a.multiple, data=a.data, distill=a.distill, distill_tau=a.distill_tau,
+                        distill_alpha=a.distill_alpha, mixup=a.mixup, cutmix=a.cutmix,
+                        label_smoothing=a.smoothing, augment=not a.no_augment, **_loop_kwargs(a))
+    res = retrain(cfg, resume=a.resume)
+    c = res.plan.cost
+    best = f"best top-1 {res.best_top1:.2f}%" if res.best_top1 is not None else "no evaluation yet"
+    print(f"retrained slim model ({100 * c.flops_ratio:.1f}% FLOPs): {best}; wrote {res.out}/best and {res.out}/last")
+    return 0
+
+
+def add_retrain(sub) -> None:
+    p = sub.add_parser("retrain", help="retrain the slim model (optionally distilled from the searched one)",
+                       description="Slim the searched model to a budget and retrain the physically smaller network. "
+                                   "Multi-GPU: torchrun --nproc_per_node=N -m vitslim_core retrain ...")
+    p.add_argument("run", help="search run folder")
+    _add_budget_args(p)
+    p.add_argument("--plan", help="a plan JSON file instead of a budget")
+    p.add_argument("--out", default="runs/retrain", help="output folder (default %(default)s)")
+    p.add_argument("--data", help="dataset (default: the one the search used)")
+    p.add_argument("--no-augment", action="store_true", help="no training augmentation")
+    p.add_argument("--distill", default="soft", choices=["none", "soft", "hard"],
+                   help="distil from the unslimmed searched model (default %(default)s)")
+    p.add_argument("--distill-tau", type=float, default=1.0, help="distillation temperature")
+    p.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation loss")
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
+    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    _add_loop_args(p, epochs=5, lr=2e-4, batch=64)
+    p.set_defaults(func=cmd_retrain)
+
+
+def load_any_model(target: str, a: argparse.Namespace):
+    """A slim folder, a search run (masked, or slimmed with a budget) or a timm model; plus its data meta."""
+    from .models import build_model, data_config
+    path = Path(target)
+    if (path / "slim.json").is_file():
+        from .slim import load_slim
+        m = load_slim(path)
+        return m, dict(getattr(m, "slim_data", {}) or {}), f"slim model {path}"
+    if path.is_dir() or path.suffix == ".safetensors":
+        from .search import load_run
+        scores, model = load_run(path if path.is_dir() else path.parent)
+        meta = dict(scores.meta.get("data") or {})
+        if a.flops is not None or any(v is not None for v in (a.attn, a.mlp, a.token)):
+            from .slim import slim_model
+            plan = make_plan(scores, a)
+            return slim_model(model, plan), meta, f"{path} slimmed to {100 * plan.flops_ratio:.1f}% FLOPs"
+        return model, meta, f"searched model {path} (soft masks)"
+    if path.exists():
+        raise VitSlimError(f"{target} is neither a slim-model folder nor a search run")
+    model, _ = build_model(target, pretrained=a.pretrained, checkpoint=a.checkpoint)
+    meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config(model).items()}
+    return model, meta, f"{target}"
+
+
+def _bundle_for(meta: dict, data: str | None, spec_hint=None):
+    from .data import load_data
+    name = data or meta.get("name")
+    if not name:
+        raise VitSlimError("which dataset? pass --data")
+    inp = meta.get("input_size") or list(spec_hint)
+    return load_data(name, img_size=tuple(inp[1:]), in_chans=inp[0], mean=meta.get("mean", 0.5),
+                     std=meta.get("std", 0.5), interpolation=meta.get("interpolation", "bicubic"),
+                     crop_pct=meta.get("crop_pct", 0.875), augment=False)
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .bench import input_shape
+    from .train import evaluate
+    model, meta, what = load_any_model(a.target, a)
+    bundle = _bundle_for(meta, a.data, input_shape(model))
+    ds = bundle.test if a.split == "test" else bundle.train
+    ev = evaluate(model, ds, batch_size=a.batch_size, device=a.device if a.device != "auto" else "cpu")
+    if a.json:
+        print(json.dumps({"target": a.target, **ev}))
+    else:
+        print(f"{what} on {bundle.name} {a.split} ({ev['n']} images): top-1 {ev['top1']:.2f}%  "
+              f"top-5 {ev['top5']:.2f}%  loss {ev['loss']:.4f}")
+    return 0
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5 and loss of a dense, searched or slim model",
+                       description="Evaluate a slim-model folder, a search run (optionally slimmed with a budget) "
+                                   "or a timm model on a dataset split.")
+    p.add_argument("target", help="slim folder, search run folder, or timm model name")
+    _add_budget_args(p)
+    p.add_argument("--data", help="dataset (default: the one the model was made for)")
+    p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--pretrained", action="store_true", help="for a timm name: hub weights")
+    p.add_argument("--checkpoint", help="for a timm name: local weights")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_eval)
+
+
+def _budget_list(text: str) -> list[float]:
+    vals = [_ratio(t) for t in text.split(",") if t.strip()]
+    if not vals:
+        raise argparse.ArgumentTypeError("give budgets like 0.3,0.5,0.7")
+    return vals
+
+
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from .sweep import sweep, write_sweep
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(a.budgets), desc="sweep", disable=os.environ.get("VITSLIM_NO_PROGRESS") not in (None, "", "0"))
+    rows = sweep(a.run, a.budgets, data=a.data, batch_size=a.batch_size, multiple=a.multiple,
+                 progress=lambda i, n, row: bar.update(1))
+    bar.close()
+    paths = write_sweep(rows, a.out or a.run)
+    print("  target  FLOPs   top-1   top-5")
+    for r in rows:
+        print(f"  {r['target']:6.2f}  {r['flops_ratio']:5.3f}  {r['top1']:6.2f}  {r['top5']:6.2f}")
+    print(f"wrote {paths['json']}, {paths['csv']}, {paths['png']}")
+    return 0
+
+
+def add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="accuracy vs FLOPs of slim models without retraining",
+                       description="Slim the searched model at several FLOPs budgets and evaluate each; writes "
+                                   "sweep.json/.csv/.png (the app shows the curve).")
+    p.add_argument("run", help="search run folder")
+    p.add_argument("--budgets", type=_budget_list, default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+                   help="comma-separated FLOPs ratios (default 0.3,...,1.0)")
+    p.add_argument("--data", help="dataset (default: the run's)")
+    p.add_argument("--out", help="folder for sweep.* (default: the run folder)")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--multiple", type=_positive_int, default=1)
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    import warnings as _w
+    from .bench import compare_latency, format_table
+    from .plan import BudgetWarning, plan_for_flops
+    from .slim import slim_model
+    path = Path(a.target)
+    if path.is_dir() and (path / "scores.safetensors").is_file():
+        from .search import load_run
+        scores, model = load_run(path)
+    else:
+        import torch
+        from .models import build_model
+        from .scores import MaskScores
+        from .spec import arch_spec
+        model, recipe = build_model(a.target, img_size=a.img_size)
+        g = torch.Generator().manual_seed(0)
+        scores = MaskScores.dense(arch_spec(model, recipe["name"], recipe["kwargs"]))
+        # random scores: timing only depends on the kept widths, not on which units are kept
+        scores.attn = [torch.rand(s.shape, generator=g) for s in scores.attn]
+        scores.mlp = [torch.rand(s.shape, generator=g) for s in scores.mlp]
+        scores.token = [torch.randn(s.shape, generator=g) for s in scores.token]
+    from .masks import remove_masks
+    slims = {}
+    for b in a.flops_list:
+        with _w.catch_warnings():
+            _w.simplefilter("ignore", BudgetWarning)
+            slims[f"slim {b:.2f}"] = slim_model(model, plan_for_flops(scores, b, multiple=a.multiple))
+    remove_masks(model)
+    rows = compare_latency(model, slims, batch_size=a.batch, runs=a.runs, warmup=a.warmup, threads=a.threads,
+                           device=a.device, rounds=a.rounds)
+    print(json.dumps(rows, indent=1) if a.json else format_table(rows))
+    return 0
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="measure dense vs slim latency",
+                       description="Time the dense model and slim models at FLOPs budgets side by side "
+                                   "(interleaved rounds; median and spread).")
+    p.add_argument("target", help="search run folder, or a timm model name (random weights and scores)")
+    p.add_argument("--flops", dest="flops_list", type=_budget_list, default=[0.7, 0.5],
+                   help="comma-separated FLOPs budgets (default 0.7,0.5)")
+    p.add_argument("--multiple", type=_positive_int, default=1, help="round widths to a multiple")
+    p.add_argument("--img-size", type=int, help="for a timm name: input resolution")
+    p.add_argument("--batch", type=_positive_int, default=32, help="batch size (default %(default)s)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--runs", type=_positive_int, default=10, help="timed runs per round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs per round")
+    p.add_argument("--rounds", type=_positive_int, default=3, help="interleaved rounds")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print JSON rows")
+    p.set_defaults(func=cmd_bench)
+
+
 # ----------------------------------------------------------------------------- demo / app
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import build_demo
@@ -210,7 +445,8 @@ def add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-COMMANDS: list[Callable] = [add_search, add_plan, add_demo]
+COMMANDS: list[Callable] = [add_search, add_plan, add_slim, add_retrain, add_eval, add_sweep, add_bench,
+                            add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

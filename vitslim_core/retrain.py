@@ -1,0 +1,180 @@
+"""The retrain job: train the PHYSICALLY slimmed model (so retraining itself is faster).
+
+Optional distillation from the unslimmed searched model (soft or hard targets), timm's mixup/cutmix
+and label smoothing, the cosine schedule of the shared loop, AMP on CUDA, torchrun DDP, checkpoints
+and resume. The output folder gets ``best/`` and ``last/`` slim-model folders, ``plan.json`` and
+``history.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import VitSlimError
+from .io import atomic_write_json
+from .masks import remove_masks
+from .plan import SlimPlan, plan_for_flops, plan_for_ratios
+from .train import (LoopConfig, cleanup_distributed, distill_loss, param_groups, run_loop,
+                    setup_distributed)
+
+
+@dataclass
+class RetrainConfig(LoopConfig):
+    """Settings of a retraining run (also recorded in its history)."""
+
+    run: str = ""
+    out: str = "runs/retrain"
+    plan: str | None = None
+    flops: float | None = None
+    attn: float | None = None
+    mlp: float | None = None
+    token: float | None = None
+    multiple: int = 1
+    data: str | None = None
+    distill: str = "soft"  # none | soft | hard
+    distill_tau: float = 1.0
+    distill_alpha: float = 0.5
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    label_smoothing: float = 0.1
+    augment: bool = True
+    epochs: int = 5
+    lr: float = 2e-4
+
+    def validate(self) -> None:
+        if not self.run:
+            raise VitSlimError("retrain needs a search run folder (scores + searched weights)")
+        if self.distill not in ("none", "soft", "hard"):
+            raise VitSlimError("--distill must be none, soft or hard")
+        budgets = [self.plan is not None, self.flops is not None,
+                   any(v is not None for v in (self.attn, self.mlp, self.token))]
+        if sum(budgets) != 1:
+            raise VitSlimError("give exactly one budget: a plan file, --flops, or --attn/--mlp/--token")
+
+
+@dataclass
+class RetrainResult:
+    out: Path
+    plan: SlimPlan
+    best_top1: float | None
+    history: dict[str, Any] = field(repr=False)
+
+
+def resolve_plan(scores, cfg: RetrainConfig) -> SlimPlan:
+    if cfg.plan is not None:
+        plan = SlimPlan.load(cfg.plan)
+        scores.spec.check_same_shape(plan.spec, "plan file")
+        return plan
+    if cfg.flops is not None:
+        return plan_for_flops(scores, cfg.flops, multiple=cfg.multiple)
+    return plan_for_ratios(scores, attn=cfg.attn or 1.0, mlp=cfg.mlp or 1.0, token=cfg.token or 1.0,
+                           multiple=cfg.multiple)
+
+
+def retrain(cfg: RetrainConfig | None = None, *, resume: bool = False,
+            on_log: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
+            **overrides: Any) -> RetrainResult:
+    """Slim the searched model of ``cfg.run`` to a budget and retrain it.
+
+    Args:
+        cfg: settings; keyword ``overrides`` replace its fields.
+        resume: continue from ``out/checkpoint.pt`` (the plan is read back from ``out/plan.json``).
+        on_log: receives every history record (for live plots).
+        should_stop: polled every step; True stops after a checkpoint.
+    """
+    from .data import load_data
+    from .search import load_run, versions
+    from .slim import save_slim, slim_model
+
+    cfg = dataclasses.replace(cfg or RetrainConfig(), **overrides)
+    cfg.validate()
+    out = Path(cfg.out)
+    di = setup_distributed(cfg.device)
+    try:
+        scores, searched = load_run(cfg.run)
+        plan = SlimPlan.load(out / "plan.json") if resume else resolve_plan(scores, cfg)
+        torch.manual_seed(cfg.seed)
+        model = slim_model(searched, plan)
+        dmeta = dict(scores.meta.get("data") or {})
+        model.slim_data = dmeta
+        data_name = cfg.data or dmeta.get("name")
+        if not data_name:
+            raise VitSlimError("the run does not name its dataset; pass --data")
+        inp = dmeta.get("input_size") or [scores.spec.in_chans, *scores.spec.img_size]
+        bundle = load_data(data_name, img_size=tuple(inp[1:]), in_chans=inp[0], mean=dmeta.get("mean", 0.5),
+                           std=dmeta.get("std", 0.5), interpolation=dmeta.get("interpolation", "bicubic"),
+                           crop_pct=dmeta.get("crop_pct", 0.875), augment=cfg.augment, seed=cfg.seed)
+        if bundle.num_classes != scores.spec.num_classes:
+            raise VitSlimError(f"dataset {data_name} has {bundle.num_classes} classes, the model "
+                               f"{scores.spec.num_classes}")
+        teacher = None
+        if cfg.distill != "none":
+            teacher = searched.eval().requires_grad_(False).to(di.device)  # masked at its soft scores
+        else:
+            remove_masks(searched)
+        model.to(di.device)
+        step_fn = _retrain_step(cfg, teacher, bundle.num_classes)
+        if di.master:
+            out.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                plan.save(out / "plan.json")
+        best = {"top1": -1.0}
+
+        def on_checkpoint(history: dict) -> None:
+            save_slim(model, out / "last")
+            ev = history["eval"][-1] if history.get("eval") else None
+            if ev is not None and ev["top1"] > best["top1"]:
+                best["top1"] = ev["top1"]
+                save_slim(model, out / "best")
+            atomic_write_json(out / "history.json", {**history, "config": dataclasses.asdict(cfg),
+                                                     "plan": plan.summary(), "versions": versions()})
+
+        if resume and (out / "history.json").exists():
+            import json
+            prev = json.loads((out / "history.json").read_text())
+            best["top1"] = max([e["top1"] for e in prev.get("eval", [])] or [-1.0])
+        groups = param_groups(model, cfg.weight_decay, cfg.lr, None)
+        history = run_loop(model, step_fn, bundle.train, bundle.test, cfg, out, groups, di, resume=resume,
+                           on_log=on_log, on_checkpoint=on_checkpoint if di.master else None,
+                           should_stop=should_stop, desc="retrain")
+        if di.master:
+            on_checkpoint(history)
+        return RetrainResult(out, plan, best["top1"] if best["top1"] >= 0 else None, history)
+    finally:
+        cleanup_distributed()
+
+
+def _retrain_step(cfg: RetrainConfig, teacher: nn.Module | None, num_classes: int):
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        from timm.data import Mixup
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                      num_classes=num_classes)
+
+    def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        logs: dict[str, float] = {}
+        if mixup is not None and x.shape[0] % 2 == 0:
+            x_in, target = mixup(x, y)
+            logits = model(x_in)
+            task = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        else:
+            x_in = x
+            logits = model(x)
+            task = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            logs["acc"] = 100.0 * float((logits.argmax(1) == y).float().mean())
+        loss = task
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(x_in)
+            kd = distill_loss(logits, t_logits, cfg.distill_tau, hard=cfg.distill == "hard")
+            loss = (1 - cfg.distill_alpha) * task + cfg.distill_alpha * kd
+            logs["distill"] = float(kd)
+        logs["task_loss"] = float(task)
+        return loss, logs
+    return step_fn
