@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -23,6 +22,9 @@ SMALL_VITS = {
     "deit_tiny_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, depth=2)),
     "reg4_gap": ("vit_base_patch16_reg4_gap_256", dict(img_size=64, depth=2, embed_dim=64, num_heads=2)),
     "nobias_layerscale": ("deit_tiny_patch16_224", dict(img_size=32, depth=2, qkv_bias=False, init_values=1e-5)),
+    # no prefix token at all: average pooling with fc_norm
+    "noprefix_gap": ("vit_base_patch16_224", dict(img_size=32, depth=2, embed_dim=32, num_heads=2, class_token=False,
+                                                  global_pool="avg")),
 }
 
 
@@ -97,27 +99,27 @@ def assert_one_line(err: BaseException) -> None:
     assert msg and "\n" not in msg and "Traceback" not in msg, repr(msg)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def vit():
     return build_vit
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def fused():
     return set_fused
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def images():
     return image_batch
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def rscores():
     return random_scores
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def one_line():
     return assert_one_line
 
@@ -130,8 +132,3 @@ def deit_s_spec() -> ArchSpec:
 @pytest.fixture(scope="session")
 def meta_arch():
     return meta_spec
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from vitslim_core import UnsupportedModelError, VitSlimError, add_masks, arch_spec, get_masks, remove_masks
-from vitslim_core.masks import _MaskHook, token_value
+from vitslim_core.masks import token_value
 
 MODES = ("head_dim", "head", "uniform")
-MODEL_KEYS = ("deit_tiny_32", "deit_tiny_64", "deit_tiny_distilled", "reg4_gap", "nobias_layerscale")
+MODEL_KEYS = ("deit_tiny_32", "deit_tiny_64", "deit_tiny_distilled", "reg4_gap", "nobias_layerscale", "noprefix_gap")
 
 
 def _logits(model, x):
@@ -21,7 +21,8 @@ def _logits(model, x):
 
 
 def _mask_hooks(model):
-    return [h for mod in model.modules() for h in mod._forward_hooks.values() if isinstance(h, _MaskHook)]
+    """Layers whose class add_masks swapped for a masked subclass (and the score each one reads)."""
+    return [mod.__dict__["_vitslim_score"] for mod in model.modules() if "_vitslim_score" in mod.__dict__]
 
 
 def _randomize_scores(model, seed=0):
@@ -152,7 +153,7 @@ def test_initial_score_values_and_l1_terms(vit):
 # ---------------------------------------------------------------------------------------------- where masks act
 @pytest.mark.parametrize("fused_attn", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("key", ["deit_tiny_distilled", "reg4_gap", "nobias_layerscale"])
+@pytest.mark.parametrize("key", ["deit_tiny_distilled", "reg4_gap", "nobias_layerscale", "noprefix_gap"])
 def test_masked_forward_equals_hand_written_method(vit, images, fused, key, mode, fused_attn):
     model = vit(key)
     ref = copy.deepcopy(model)
@@ -262,7 +263,7 @@ def test_prefix_tokens_are_never_masked(vit, images, key):
     assert P >= 1
     x = images(model)
     dense_norm1 = {}
-    h = model.blocks[0].norm1.register_forward_hook(lambda m, i, o: dense_norm1.setdefault("out", o.clone()))
+    h = model.blocks[0].norm1.register_forward_hook(lambda m, i, o: [dense_norm1.setdefault("out", o.clone()), None][1])
     dense = _logits(model, x)
     h.remove()
     add_masks(model)
@@ -288,7 +289,7 @@ def test_token_value_scales_patch_positions(vit, images):
     model = vit("deit_tiny_32")
     x = images(model)
     dense = {}
-    model.blocks[0].norm1.register_forward_hook(lambda m, i, o: dense.setdefault("o", o.clone()))
+    model.blocks[0].norm1.register_forward_hook(lambda m, i, o: [dense.setdefault("o", o.clone()), None][1])
     _logits(model, x)
     add_masks(model)
     raw = torch.linspace(-2, 2, 4)
@@ -341,9 +342,9 @@ def test_deepcopy_has_independent_masks(vit, images):
     base = _logits(model, x)
     twin = copy.deepcopy(model)
     assert get_masks(twin) is not get_masks(model)
-    for blk in twin.blocks:  # the copy's hooks act through the copy's scores
-        for h in blk.attn.qkv._forward_hooks.values():
-            assert h.score is get_masks(twin).attn[list(twin.blocks).index(blk)]
+    for i, blk in enumerate(twin.blocks):  # the copy's masked layers act through the copy's scores
+        assert blk.attn.qkv._vitslim_score is get_masks(twin).attn[i]
+        assert blk.norm1._vitslim_score is get_masks(twin).token[i]
     with torch.no_grad():
         get_masks(twin).attn[0].score.zero_()
         get_masks(twin).token[1].score.zero_()

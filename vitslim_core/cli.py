@@ -445,8 +445,27 @@ def add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def cmd_app(a: argparse.Namespace) -> int:
+    from app.main import serve
+    return serve(a)
+
+
+def add_app(sub) -> None:
+    p = sub.add_parser("app", help="open the exploration app (Gradio) on the demo or on runs",
+                       description="Open the ViT-Slim exploration app in the browser: drag a FLOPs budget, see which "
+                                   "heads, MLP units and tokens survive, evaluate, retrain and export. Without RUN it "
+                                   "opens the bundled digits demo. Listens on 127.0.0.1 unless --host is given.")
+    try:
+        from app.main import add_arguments
+    except ImportError:  # the app package is not installed next to the engine
+        p.add_argument("runs", nargs="*")
+    else:
+        add_arguments(p)
+    p.set_defaults(func=cmd_app)
+
+
 COMMANDS: list[Callable] = [add_search, add_plan, add_slim, add_retrain, add_eval, add_sweep, add_bench,
-                            add_demo]
+                            add_demo, add_app]
 
 
 def build_parser() -> argparse.ArgumentParser:

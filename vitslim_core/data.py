@@ -633,10 +633,13 @@ def image_to_tensor(img: Image.Image, data_cfg: dict, *, dataset: str | None = N
     else:
         from timm.data import create_transform
 
-        tf = create_transform(input_size=(1 if c == 1 else 3, h, w), is_training=False,
+        work = 1 if c == 1 else 3
+        # identity normalisation gives floats in [0, 1]; ours follows (handles any channel count)
+        tf = create_transform(input_size=(work, h, w), is_training=False,
                               interpolation=data_cfg.get("interpolation", "bicubic"),
                               crop_pct=data_cfg.get("crop_pct", 0.875),
-                              crop_mode=data_cfg.get("crop_mode", "center"), normalize=False)
+                              crop_mode=data_cfg.get("crop_mode", "center"),
+                              mean=(0.0,) * work, std=(1.0,) * work)
         x = tf(to_standard_mode(img, gray=c == 1))
         if c not in (1, 3):
             x = x[:1]

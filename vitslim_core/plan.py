@@ -167,7 +167,7 @@ class SlimPlan:
             raise ScoreFileError(f"{source} has plan format version {d.get('format_version')!r}; "
                                  f"this vitslim reads version {PLAN_VERSION}")
         try:
-            spec = ArchSpec.from_dict(d["arch"])
+            spec = ArchSpec.from_dict(d["arch"], error=ScoreFileError)
             L, H, hd, hm, M = spec.depth, spec.num_heads, spec.head_dim, spec.mlp_hidden, spec.num_patches
             layers = d["layers"]
             if not isinstance(layers, list) or len(layers) != L:
@@ -184,7 +184,10 @@ class SlimPlan:
                 token[l, _indices(lay["tokens"], M, f"layer {l} tokens")] = True
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ScoreFileError(f"{source} is damaged ({e})") from None
-        plan = cls(spec, attn, mlp, token, dict(d.get("info") or {}))
+        try:
+            plan = cls(spec, attn, mlp, token, dict(d.get("info") or {}))
+        except (BudgetError, TypeError, ValueError) as e:
+            raise ScoreFileError(f"{source} is damaged ({e})") from None
         if "flops" in d and d["flops"] != plan.macs:
             raise ScoreFileError(f"{source} is inconsistent: it states {d['flops']} FLOPs, its masks cost {plan.macs}")
         return plan
@@ -323,6 +326,8 @@ class RemovalOrder:
             times.append((np.arange(1, n + 1) / d.total) / w)
             kinds.append(np.full(n, k))
             idx.append(np.arange(n))
+        if not times:  # nothing removable (e.g. one patch and only tokens allowed): only the full plan
+            times, kinds, idx = [np.zeros(0)], [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
         t = np.concatenate(times)
         kind = np.concatenate(kinds)
         pos = np.concatenate(idx)
@@ -407,7 +412,7 @@ def removal_order(scores: MaskScores, mix: Sequence[float] | None = None, multip
     if mix is None:
         searched = scores.searched()
         mix = tuple(1.0 if searched[k] else 0.0 for k in ("attn", "mlp", "token"))
-    key = ("order", tuple(float(w) for w in mix), int(multiple))
+    key = ("order", tuple(float(w) for w in mix), int(multiple), scores.fingerprint())
     if key not in scores._cache:
         scores._cache[key] = RemovalOrder(scores, mix, multiple)
     return scores._cache[key]

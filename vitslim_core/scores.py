@@ -19,6 +19,7 @@ from .spec import ArchSpec, arch_spec
 FORMAT = "vitslim-scores"
 FORMAT_VERSION = 1
 MAX_SCORE_FILE = 512 << 20
+RESERVED = frozenset({"format", "format_version", "arch", "attn_mode"})
 
 
 @dataclass
@@ -76,7 +77,14 @@ class MaskScores:
                     m.score.copy_(v)
 
     # ---------------------------------------------------------------- checks
+    def fingerprint(self) -> tuple:
+        """Changes whenever a score tensor is replaced or edited in place (keys the plan caches)."""
+        return (self.attn_mode, tuple((id(t), t._version) for kind in (self.attn, self.mlp, self.token) for t in kind))
+
     def validate(self) -> None:
+        bad = RESERVED & set(self.meta)
+        if bad:
+            raise ScoreFileError(f"meta keys {', '.join(sorted(bad))} are reserved for the score file header")
         s = self.spec
         if self.attn_mode not in ATTN_MODES:
             raise ScoreFileError(f"unknown attention mask mode {self.attn_mode!r}")
@@ -169,7 +177,7 @@ class MaskScores:
         if not isinstance(header, dict) or not isinstance(header.get("arch"), dict):
             raise ScoreFileError(f"{path} has a damaged vitslim header")
         try:
-            spec = ArchSpec.from_dict(header["arch"])
+            spec = ArchSpec.from_dict(header["arch"], error=ScoreFileError)
         except (TypeError, ValueError, KeyError) as e:
             raise ScoreFileError(f"{path} has a damaged architecture description ({e})") from None
         meta = {k: v for k, v in header.items() if k not in ("format", "format_version", "arch", "attn_mode")}

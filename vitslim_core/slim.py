@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import skip_init
 
 from .errors import BudgetError, PlanMismatchError, ScoreFileError, VitSlimError
 from .io import atomic_save, atomic_write_json, read_json
@@ -40,6 +41,43 @@ MAX_SLIM_JSON = 64 << 20
 
 
 # ====================================================================== slim modules
+ROW_ALIGN = 16  # floats: output rows of CPU matmuls start at 64-byte boundaries
+
+
+def _plain_path(x: torch.Tensor) -> bool:
+    """True unless this is eager CPU inference (autograd, tracers and exporters need plain ops)."""
+    if torch.is_grad_enabled() or x.device.type != "cpu":
+        return True
+    if torch.jit.is_tracing() or getattr(torch.compiler, "is_compiling", bool)() \
+            or getattr(torch.compiler, "is_exporting", bool)():
+        return True
+    try:
+        return torch.is_autocast_enabled("cpu")  # out= matmuls would bypass autocast
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(x)``, faster on CPU for output widths that are not a multiple of 16.
+
+    Slicing leaves widths such as 1070; MKL then writes rows that start at odd addresses and runs far
+    below its speed for 1072. Writing into a buffer whose rows are padded to ``ROW_ALIGN`` floats gives the
+    same numbers as fast as an aligned width, with the same matmul (same FLOPs). The result is a view with
+    padded rows, so it is used for inference on CPU only (no autograd, tracing or export).
+    """
+    out_f = layer.out_features
+    if out_f % ROW_ALIGN == 0 or _plain_path(x):
+        return layer(x)
+    x2 = x.reshape(-1, x.shape[-1])
+    ld = -(-out_f // ROW_ALIGN) * ROW_ALIGN
+    out = x2.new_empty(x2.shape[0], ld)[:, :out_f]  # (rows, out_f), row stride ld
+    if layer.bias is None:
+        torch.mm(x2, layer.weight.t(), out=out)
+    else:
+        torch.addmm(layer.bias, x2, layer.weight.t(), out=out)
+    return out.unflatten(0, x.shape[:-1])
+
+
 class SlimAttention(nn.Module):
     """Self-attention over heads that keep different numbers of dims.
 
@@ -71,29 +109,26 @@ class SlimAttention(nn.Module):
         return sum(n * k for n, k in self.groups)
 
     def _attend(self, qkv: torch.Tensor, heads: int, dims: int) -> torch.Tensor:
-        """Attention of one group: (B, N, 3 * heads * dims) -> (B, N, heads * dims)."""
+        """Attention of one group: (B, N, 3 * heads * dims) -> (B, heads, N, dims)."""
         B, N, _ = qkv.shape
         q, k, v = qkv.reshape(B, N, 3, heads, dims).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, dims)
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
-                                               scale=self.scale)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            x = attn @ v
-        return x.transpose(1, 2).reshape(B, N, heads * dims)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
+                                                  scale=self.scale)
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        return attn @ v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv(x)  # (B, N, 3A)
-        if len(self.groups) == 1:
-            out = self._attend(qkv, *self.groups[0])
-        else:
-            parts, start = [], 0
-            for heads, dims in self.groups:
-                width = 3 * heads * dims
-                parts.append(self._attend(qkv[..., start:start + width], heads, dims))
-                start += width
-            out = torch.cat(parts, dim=-1)  # (B, N, A)
+        B, N, _ = x.shape
+        qkv = linear(x, self.qkv)  # (B, N, 3A)
+        parts, start = [], 0
+        for heads, dims in self.groups:  # one attention call per group of heads with equal dims
+            width = 3 * heads * dims
+            o = self._attend(qkv[..., start:start + width], heads, dims)
+            parts.append(o.transpose(1, 2).reshape(B, N, heads * dims))  # a view for fused attention
+            start += width
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (B, N, A)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
@@ -111,7 +146,7 @@ class SlimMlp(nn.Module):
         self.drop2 = drop2 if drop2 is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        return self.drop2(self.fc2(self.drop1(self.act(linear(x, self.fc1)))))
 
 
 class BranchBias(nn.Module):
@@ -122,7 +157,9 @@ class BranchBias(nn.Module):
         self.bias = nn.Parameter(bias)  # (C,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bias.expand_as(x)
+        # (C,), broadcast over (B, N, C) by the residual add; a copy, because a view of a parameter made
+        # under no_grad still "requires grad" and confuses autograd hooks (FlopCounterMode's module tracker)
+        return self.bias.clone()
 
 
 class SlimBlock(nn.Module):
@@ -169,7 +206,7 @@ def slice_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch
         b = b * row_scale.to(b) if b is not None else None
     if col_scale is not None:
         w = w * col_scale[None, :].to(w)
-    out = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    out = skip_init(nn.Linear, w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         out.weight.copy_(w)
         if b is not None:
@@ -177,12 +214,12 @@ def slice_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch
     return out
 
 
-def _branch_bias(linear: nn.Linear, ls: nn.Module) -> BranchBias | None:
+def _branch_bias(out_layer: nn.Linear, ls: nn.Module) -> BranchBias | None:
     """The constant output of a branch whose units are all gone, or None when it adds nothing."""
-    if linear.bias is None:
+    if out_layer.bias is None:
         return None
     with torch.no_grad():
-        return BranchBias(ls(linear.bias.detach().clone()).detach().clone())
+        return BranchBias(ls(out_layer.bias.detach().clone()).detach().clone())
 
 
 def _head_groups(keep: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -200,7 +237,7 @@ def slim_attention(attn: nn.Module, keep: np.ndarray, fold: torch.Tensor | None 
         fold: optional (H, d) scores multiplying q, k and v of each head-dim (folded into ``qkv``).
     """
     H, d = keep.shape
-    rows, cols, scale_rows, groups = [], [], [], []
+    rows, cols, groups = [], [], []
     for dims, heads in _head_groups(keep):
         flat = np.concatenate([h * d + np.flatnonzero(keep[h]) for h in heads])  # (heads * dims,) in q order
         rows.extend(s * H * d + flat for s in range(3))
@@ -249,13 +286,17 @@ def slim_block(blk: nn.Module, plan: SlimPlan, layer: int, attn_fold: torch.Tens
     keep = torch.as_tensor(gather, device=dev) if gather is not None else None
     ident = nn.Identity
     if plan.attn[layer].any():
-        norm1, attn, ls1, dp1 = blk.norm1, slim_attention(blk.attn, plan.attn[layer], attn_fold), blk.ls1, blk.drop_path1
-    else:
-        norm1, attn, ls1, dp1 = ident(), _branch_bias(blk.attn.proj, blk.ls1), ident(), ident()
+        attn = slim_attention(blk.attn, plan.attn[layer], attn_fold)
+        norm1, ls1, dp1 = blk.norm1, blk.ls1, blk.drop_path1
+    else:  # the branch adds ls1(proj.bias) whatever its input, so norm1 and ls1 go
+        attn = _branch_bias(blk.attn.proj, blk.ls1)
+        norm1, ls1, dp1 = ident(), ident(), ident()
     if plan.mlp[layer].any():
-        norm2, mlp, ls2, dp2 = blk.norm2, slim_mlp(blk.mlp, plan.mlp[layer], mlp_fold), blk.ls2, blk.drop_path2
+        mlp = slim_mlp(blk.mlp, plan.mlp[layer], mlp_fold)
+        norm2, ls2, dp2 = blk.norm2, blk.ls2, blk.drop_path2
     else:
-        norm2, mlp, ls2, dp2 = ident(), _branch_bias(blk.mlp.fc2, blk.ls2), ident(), ident()
+        mlp = _branch_bias(blk.mlp.fc2, blk.ls2)
+        norm2, ls2, dp2 = ident(), ident(), ident()
     return SlimBlock(keep, norm1, attn, ls1, dp1, norm2, mlp, ls2, dp2)
 
 
@@ -321,7 +362,7 @@ class HardMaskedViT(nn.Module):
                  key_bias: torch.Tensor, final_keep: torch.Tensor) -> None:
         super().__init__()
         self.model = model
-        self.slim_plan = plan
+        self.plan = plan
         self.register_buffer("attn_mult", attn_mult, persistent=False)  # (L, 3*H*d) multiplies the qkv output
         self.register_buffer("mlp_mult", mlp_mult, persistent=False)    # (L, h) multiplies the act output
         self.register_buffer("key_bias", key_bias, persistent=False)    # (L, N): 0 kept key, -inf dropped
@@ -423,8 +464,10 @@ def _build_base(name: str, kwargs: dict[str, Any]) -> nn.Module:
             return rebuild_model({"name": name, "kwargs": dict(kwargs)})
         import timm
         return timm.create_model(name, pretrained=False, **kwargs)
-    except VitSlimError:
+    except (ScoreFileError, PlanMismatchError):
         raise
+    except VitSlimError as e:
+        raise ScoreFileError(f"cannot build the base model {name!r} ({e})") from None
     except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as e:
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise ScoreFileError(f"cannot build the base model {name!r} ({reason})") from None

@@ -80,15 +80,41 @@ class ArchSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ArchSpec":
+    def from_dict(cls, d: dict[str, Any], error: type[Exception] = PlanMismatchError) -> "ArchSpec":
+        """Parse and type-check a description (``error`` is raised for anything malformed)."""
+        if not isinstance(d, dict):
+            raise error("architecture description is not a mapping")
         names = {f.name for f in dataclasses.fields(cls)}
         missing = [n for n in names if n not in d and n not in ("model_name", "model_kwargs")]
         if missing:
-            raise PlanMismatchError(f"architecture description lacks {', '.join(sorted(missing))}")
-        kw = {k: v for k, v in d.items() if k in names}
-        kw["grid"] = tuple(int(v) for v in kw["grid"])
-        kw["patch_size"] = tuple(int(v) for v in kw["patch_size"])
-        kw["model_kwargs"] = dict(kw.get("model_kwargs") or {})
+            raise error(f"architecture description lacks {', '.join(sorted(missing))}")
+        kw: dict[str, Any] = {}
+        try:
+            for f in dataclasses.fields(cls):
+                if f.name not in d:
+                    continue
+                v = d[f.name]
+                if f.name in ("grid", "patch_size"):
+                    v = tuple(_strict_int(x) for x in v)
+                    if len(v) != 2 or min(v) < 1:
+                        raise ValueError(f"{f.name} must be two positive integers")
+                elif f.name in ("qkv_bias", "proj_bias", "fc1_bias", "fc2_bias"):
+                    if not isinstance(v, bool):
+                        raise ValueError(f"{f.name} must be true or false")
+                elif f.name == "global_pool" or f.name == "model_name":
+                    v = str(v)
+                elif f.name == "model_kwargs":
+                    if not isinstance(v, dict):
+                        raise ValueError("model_kwargs must be a mapping")
+                    v = dict(v)
+                else:
+                    v = _strict_int(v)
+                    if v < 0 or (v == 0 and f.name in ("depth", "embed_dim", "num_heads", "head_dim", "mlp_hidden",
+                                                       "in_chans", "num_out_heads")):
+                        raise ValueError(f"{f.name} must be positive")
+                kw[f.name] = v
+        except (TypeError, ValueError) as e:
+            raise error(f"architecture description is damaged ({e})") from None
         return cls(**kw)
 
     def shape_key(self) -> tuple:
@@ -103,6 +129,12 @@ class ArchSpec:
                 f"but the model is {_describe(self)}")
 
 
+def _strict_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"expected an integer, got {v!r}")
+    return v
+
+
 def _describe(s: ArchSpec) -> str:
     return (f"depth {s.depth}, {s.num_heads} heads x {s.head_dim} dims, MLP {s.mlp_hidden}, "
             f"{s.num_prefix_tokens}+{s.grid[0]}x{s.grid[1]} tokens")
@@ -110,6 +142,11 @@ def _describe(s: ArchSpec) -> str:
 
 def _numel(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
+
+
+def _base_type(module: nn.Module) -> type:
+    """The class a layer had before ``add_masks`` swapped in its masked subclass."""
+    return module.__dict__.get("_vitslim_orig_class", type(module))
 
 
 def check_supported(model: nn.Module) -> None:
@@ -143,14 +180,16 @@ def check_supported(model: nn.Module) -> None:
                 raise UnsupportedModelError(f"block {i} attention uses {part} (qk/scale norm is not supported)")
         if getattr(a, "gate", None) is not None:
             raise UnsupportedModelError(f"block {i} attention is gated (not supported)")
+        if _base_type(a.qkv) is not nn.Linear or _base_type(a.proj) is not nn.Linear:
+            raise UnsupportedModelError(f"block {i} attention projections are not plain nn.Linear layers")
         m = blk.mlp
         if type(m) is not Mlp:
             raise UnsupportedModelError(
                 f"block {i} MLP is {type(m).__name__} (SwiGLU/GLU MLPs are not supported, only timm Mlp)")
         if not isinstance(m.norm, nn.Identity):
             raise UnsupportedModelError(f"block {i} MLP has a hidden norm (scale_mlp_norm is not supported)")
-        if getattr(m, "use_conv", False):
-            raise UnsupportedModelError(f"block {i} MLP uses 1x1 convolutions (not supported)")
+        if getattr(m, "use_conv", False) or _base_type(m.fc1) is not nn.Linear or _base_type(m.fc2) is not nn.Linear:
+            raise UnsupportedModelError(f"block {i} MLP layers are not plain nn.Linear layers")
 
 
 def arch_spec(model: nn.Module, model_name: str = "", model_kwargs: dict | None = None) -> ArchSpec:

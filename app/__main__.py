@@ -1,0 +1,7 @@
+"""``python -m app [RUN ...]`` starts the exploration app (see ``app.main``)."""
+import sys
+
+from .main import main
+
+if __name__ == "__main__":
+    sys.exit(main())

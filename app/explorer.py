@@ -1,0 +1,792 @@
+"""The app's callbacks: typed methods of ``Explorer`` that the page wires to its components.
+
+Every method takes plain values (run key, budget numbers, file paths) and returns plain values or
+Gradio updates, so tests call them directly. ``Explorer`` holds what one app instance owns: the runs
+it may open (with their loaded scores and models), its work dir, and the retraining job it uses
+(by default the process-wide ``app.jobs.JOB``).
+"""
+from __future__ import annotations
+
+import html
+import math
+import tempfile
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import gradio as gr
+import numpy as np
+
+from vitslim_core import viz
+from vitslim_core.errors import BudgetError, DataError, VitSlimError
+from vitslim_core.plan import DEFAULT_TOL, BudgetWarning, SlimPlan, plan_for_flops, plan_for_ratios
+
+from .jobs import JOB, JobBusyError, JobStatus, RetrainJob, RetrainRequest
+from .runs import MissingWeightsError, OpenRun, RunRegistry, Sample, read_sweep, sweep_file
+
+MODES = [("FLOPs budget", "flops"), ("per-dimension ratios", "ratios")]
+VIEWS = ("attention", "mlp", "tokens", "image", "layers", "scores", "history", "accuracy", "retrain", "export")
+DEFAULT_FLOPS = 0.6
+TABLE_HEADERS = ["layer", "heads", "dims per head", "attention dims", "MLP units", "tokens", "MFLOPs",
+                 "% of dense layer"]
+
+
+# ====================================================================== budgets
+@dataclass(frozen=True)
+class Budget:
+    """The budget the page shows: a FLOPs ratio, or kept fractions of the three dimensions."""
+
+    mode: str = "flops"
+    flops: float = DEFAULT_FLOPS
+    attn: float = 1.0
+    mlp: float = 1.0
+    token: float = 1.0
+
+    @classmethod
+    def of(cls, mode: str | None, flops: float | None, attn: float | None = None, mlp: float | None = None,
+           token: float | None = None) -> "Budget":
+        def num(v: Any, default: float) -> float:
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                return default
+            return v if math.isfinite(v) else default
+        return cls("ratios" if mode == "ratios" else "flops", num(flops, DEFAULT_FLOPS), num(attn, 1.0),
+                   num(mlp, 1.0), num(token, 1.0))
+
+    def text(self) -> str:
+        if self.mode == "flops":
+            return f"FLOPs budget {100 * self.flops:.0f}%"
+        return f"attention {100 * self.attn:.0f}%, MLP {100 * self.mlp:.0f}%, tokens {100 * self.token:.0f}%"
+
+    def slug(self) -> str:
+        if self.mode == "flops":
+            return f"flops{self.flops:.3f}"
+        return f"a{self.attn:.2f}-m{self.mlp:.2f}-t{self.token:.2f}"
+
+    def retrain_kwargs(self) -> dict[str, float]:
+        if self.mode == "flops":
+            return {"flops": self.flops}
+        return {"attn": self.attn, "mlp": self.mlp, "token": self.token}
+
+
+@dataclass
+class PlanResult:
+    plan: SlimPlan
+    note: str  # non-empty when a FLOPs budget could only be approximated
+
+
+# ====================================================================== formatting helpers
+def _fmt_params(n: float) -> str:
+    return f"{n / 1e6:.3g} M" if n >= 1e5 else f"{n / 1e3:.3g} k"
+
+
+def _fmt_flops(n: float) -> str:
+    if n >= 1e8:
+        return f"{n / 1e9:.3g} G"
+    return f"{n / 1e6:.3g} M"
+
+
+def _error_html(msg: str) -> str:
+    return f'<div class="vs-error" id="vs-budget-error">{html.escape(msg)}</div>'
+
+
+def _one_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def _card(key: str, value: str, sub: str, elem: str, main: bool = False) -> str:
+    cls = "vs-card vs-main" if main else "vs-card"
+    return (f'<div class="{cls}" id="{elem}"><div class="vs-k">{key}</div><div class="vs-v">{value}</div>'
+            f'<div class="vs-s">{sub}</div></div>')
+
+
+def readout_html(plan: SlimPlan, note: str = "") -> str:
+    """The always-visible numbers of a plan (FLOPs, params, speedup, kept units)."""
+    c = plan.cost
+    s = plan.spec
+    L = s.depth
+    dims = plan.attn.sum(2)
+    heads = int((dims > 0).sum())
+    attn_kept = int(plan.attn.sum())
+    mlp_kept = int(plan.mlp.sum())
+    tok_kept = int(plan.token.sum())
+    speed = 1.0 / c.flops_ratio if c.flops_ratio > 0 else float("inf")
+    cards = [
+        _card("FLOPs", f"{_fmt_flops(c.macs)}", f"<b>{100 * c.flops_ratio:.1f}%</b> of {_fmt_flops(c.dense_macs)} dense",
+              "vs-flops", main=True),
+        _card("predicted speedup", f"{speed:.2f}×", "1 / FLOPs ratio", "vs-speedup", main=True),
+        _card("parameters", _fmt_params(c.params), f"{100 * c.params_ratio:.1f}% of {_fmt_params(c.dense_params)}",
+              "vs-params"),
+        _card("heads", f"{heads}/{L * s.num_heads}", "with at least one dim", "vs-heads"),
+        _card("attention dims", f"{attn_kept}/{plan.attn.size}", f"{100 * attn_kept / plan.attn.size:.0f}% kept",
+              "vs-dims"),
+        _card("MLP units", f"{mlp_kept}/{plan.mlp.size}", f"{100 * mlp_kept / plan.mlp.size:.0f}% kept", "vs-mlp"),
+        _card("tokens", f"{tok_kept}/{plan.token.size}",
+              f"(layer, patch) pairs; last layer {int(plan.token[-1].sum())}/{s.num_patches}", "vs-tokens"),
+    ]
+    extra = f'<div class="vs-note" id="vs-budget-note">{html.escape(note)}</div>' if note else ""
+    return f'<div class="vs-readout">{"".join(cards)}</div>{extra}'
+
+
+def layer_table(plan: SlimPlan):
+    """The per-layer architecture of a plan as a DataFrame (for ``gr.Dataframe``)."""
+    import pandas as pd
+    s = plan.spec
+    rows = []
+    for r in plan.layers():
+        rows.append([r["layer"], f"{r['heads']}/{s.num_heads}", " ".join(str(x) for x in r["dims_per_head"]),
+                     f"{r['attn_dims']}/{s.attn_dim}", f"{r['mlp']}/{s.mlp_hidden}", f"{r['tokens']}/{s.num_patches}",
+                     round(r["macs"] / 1e6, 3), round(100 * r["macs_ratio"], 1)])
+    return pd.DataFrame(rows, columns=TABLE_HEADERS)
+
+
+def run_summary(run: OpenRun) -> str:
+    """One line about a run's model, shown under the run selector."""
+    from vitslim_core.cost import count_cost
+    s = run.spec
+    name = (run.scores.model_recipe or {}).get("name") or s.model_name or "model"
+    w = "" if run.has_weights else " · **scores only**"
+    return (f"`{html.escape(name)}` · {s.depth} blocks · {s.num_heads}×{s.head_dim} attention · MLP {s.mlp_hidden} · "
+            f"{s.num_prefix_tokens}+{s.num_patches} tokens · {_fmt_flops(count_cost(s).macs)}FLOPs dense{w}")
+
+
+def run_info_markdown(run: OpenRun) -> str:
+    """The model card of a run: architecture, dense cost, data, search settings, weights."""
+    from vitslim_core.cost import count_cost
+    s = run.spec
+    c = count_cost(s)
+    meta = run.scores.meta
+    name = (run.scores.model_recipe or {}).get("name") or s.model_name or "unknown model"
+    data = meta.get("data") or {}
+    search = meta.get("search") or {}
+    ev = meta.get("eval") or {}
+    lines = [f"**{html.escape(name)}** &nbsp;·&nbsp; {html.escape(run.label)}", "",
+             "| | |", "|---|---|",
+             f"| blocks | {s.depth} |",
+             f"| attention | {s.num_heads} heads × {s.head_dim} dims ({s.attn_dim}), width {s.embed_dim} |",
+             f"| MLP hidden units | {s.mlp_hidden} per block |",
+             f"| tokens | {s.num_prefix_tokens} prefix + {s.grid[0]}×{s.grid[1]} patches of "
+             f"{s.patch_size[0]}×{s.patch_size[1]} px |",
+             f"| dense cost | {_fmt_flops(c.macs)}FLOPs, {_fmt_params(c.params)} params |",
+             f"| mask mode | {run.scores.attn_mode} |"]
+    if data:
+        lines.append(f"| data | {html.escape(str(data.get('name', '?')))}, {data.get('num_classes', s.num_classes)} "
+                     f"classes, input {'×'.join(str(v) for v in data.get('input_size', []))} |")
+    if search:
+        w = ", ".join(f"{k} {search[k]:g}" for k in ("w_attn", "w_mlp", "w_token") if isinstance(search.get(k), (int, float)))
+        lines.append(f"| search | {search.get('epochs', '?')} epochs, {w} |")
+    if ev.get("top1") is not None:
+        lines.append(f"| masked model | top-1 {ev['top1']:.1f}% on the test split |")
+    lines.append(f"| weights | {'yes: accuracy, prediction and retraining available' if run.has_weights else '**no** (scores only: budgets and maps work; accuracy, prediction and retraining need model.safetensors)'} |")
+    return "\n".join(lines)
+
+
+# ====================================================================== the explorer
+class Explorer:
+    """Callbacks of one app instance.
+
+    Args:
+        runs: run folders (or score files) to offer; default: the bundled demo.
+        workdir: where uploads, exports, sweeps and retraining outputs go (default: a new temp dir).
+        job: the retraining job (default: the process-wide ``app.jobs.JOB``).
+    """
+
+    def __init__(self, runs: Sequence[str | Path] | None = None, workdir: str | Path | None = None,
+                 job: RetrainJob | None = None) -> None:
+        from vitslim_core.demo import DEMO_DIR
+        runs = list(runs or [DEMO_DIR])
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="vitslim-app-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.registry = RunRegistry(runs, self.workdir, bundled=DEMO_DIR)
+        self.job = job or JOB
+        self._plans: OrderedDict[tuple, PlanResult] = OrderedDict()
+        self._plans_lock = threading.Lock()
+
+    def warm_up(self) -> None:
+        """Load what the first page view needs (samples, weights, plotting) so it appears at once."""
+        try:
+            run = self.run(None)
+            run.samples()
+            if run.has_weights:
+                run.model()
+            import matplotlib.figure  # noqa: F401
+            viz.history_figure(run.history)
+        except Exception:  # noqa: BLE001 - warming up is best effort; the callbacks report errors
+            pass
+
+    def warm_up_in_background(self) -> threading.Thread:
+        t = threading.Thread(target=self.warm_up, daemon=True, name="vitslim-app-warm-up")
+        t.start()
+        return t
+
+    # ------------------------------------------------------------------ runs and plans
+    def run(self, run_key: str | None) -> OpenRun:
+        return self.registry.get(run_key)
+
+    def plan(self, run: OpenRun, budget: Budget) -> PlanResult:
+        """The plan of a budget (cached); raises BudgetError for impossible budgets."""
+        key = (run.key, id(run.scores), budget)
+        with self._plans_lock:
+            hit = self._plans.get(key)
+            if hit is not None:
+                self._plans.move_to_end(key)
+                return hit
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BudgetWarning)
+            if budget.mode == "flops":
+                plan = plan_for_flops(run.scores, budget.flops)
+            else:
+                plan = plan_for_ratios(run.scores, attn=budget.attn, mlp=budget.mlp, token=budget.token)
+        note = ""
+        if budget.mode == "flops":
+            achieved = float(plan.info.get("achieved", plan.flops_ratio))
+            if abs(achieved - budget.flops) > DEFAULT_TOL * budget.flops:
+                note = (f"Approximation: {100 * budget.flops:.3g}% of the dense FLOPs cannot be hit exactly with "
+                        f"whole units; the nearest plan costs {100 * achieved:.3g}%.")
+        res = PlanResult(plan, note)
+        with self._plans_lock:
+            self._plans[key] = res
+            while len(self._plans) > 64:
+                self._plans.popitem(last=False)
+        return res
+
+    def image_for(self, run: OpenRun, image: dict | None) -> dict | None:
+        """The session's image if it fits the run's input, else the run's first sample."""
+        if image and image.get("tensor") is not None:
+            t = image["tensor"]
+            if tuple(t.shape[1:]) == (run.spec.in_chans, *run.spec.img_size):
+                return image
+        samples = run.samples()
+        return self._image_state(samples[0]) if samples else None
+
+    @staticmethod
+    def _image_state(sample: Sample) -> dict:
+        return {"name": sample.name, "tensor": sample.tensor, "label": sample.label}
+
+    # ------------------------------------------------------------------ the live view
+    def scores_views(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
+                     sort: bool = False) -> tuple:
+        """The views of a budget that need only the scores (no image, no weights).
+
+        Returns:
+            (readout html, attention map, MLP map, token grids, score histograms, layer bars, layer table);
+            on a bad budget the readout shows the message and the rest is left as it was.
+        """
+        try:
+            run = self.run(run_key)
+            res = self.plan(run, Budget.of(mode, flops, attn, mlp, token))
+        except VitSlimError as e:
+            return (_error_html(_one_line(e)),) + (gr.skip(),) * 6
+        plan = res.plan
+        return (readout_html(plan, res.note), viz.attention_map(run.scores, plan, sort=bool(sort)),
+                viz.mlp_map(run.scores, plan, sort=bool(sort)), viz.token_grids(run.scores, plan),
+                viz.score_histograms(run.scores, plan), viz.layer_bars(plan), layer_table(plan))
+
+    def budget_views(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
+                     layer: float, sort: bool, image: dict | None) -> tuple:
+        """Everything that follows the budget slider, recomputed on every move.
+
+        Returns:
+            ``scores_views`` outputs + (image overlay, image strip).
+        """
+        views = self.scores_views(run_key, mode, flops, attn, mlp, token, sort)
+        if not isinstance(views[1], np.ndarray):  # a bad budget: leave the image as it is
+            return views + (gr.skip(), gr.skip())
+        return views + self.overlay_views(run_key, mode, flops, attn, mlp, token, layer, image)
+
+    def overlay_views(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
+                      layer: float, image: dict | None) -> tuple:
+        """The image overlay and strip only (layer slider, new image)."""
+        try:
+            run = self.run(run_key)
+            plan = self.plan(run, Budget.of(mode, flops, attn, mlp, token)).plan
+        except VitSlimError:
+            return gr.skip(), gr.skip()
+        img = self.image_for(run, image)
+        if img is None:
+            return None, None
+        return (viz.token_overlay(img["tensor"], plan, int(layer or 0), run.data_cfg),
+                viz.token_strip(img["tensor"], plan, run.data_cfg))
+
+    def score_figure(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float) -> Any:
+        """The matplotlib histograms (heavier; drawn when the slider is released)."""
+        try:
+            run = self.run(run_key)
+            plan = self.plan(run, Budget.of(mode, flops, attn, mlp, token)).plan
+        except VitSlimError:
+            return gr.skip()
+        return viz.score_histograms_figure(run.scores, plan)
+
+    # ------------------------------------------------------------------ opening runs
+    def open_run(self, run_key: str, image: dict | None, layer: float) -> tuple:
+        """Switch the page to a run: model card, history, accuracy curve, samples, layer range.
+
+        Returns:
+            (model card markdown, history figure, gallery items, image state, layer slider update,
+            message markdown: the model in one line, or why the run cannot be opened)
+        """
+        try:
+            run = self.run(run_key)
+        except VitSlimError as e:
+            gr.Warning(_one_line(e))
+            return (gr.skip(),) * 5 + (f"**Cannot open this run:** {html.escape(_one_line(e))}",)
+        samples = run.samples()
+        img = self.image_for(run, image)
+        gallery = [(s.thumb, s.name) for s in samples]
+        depth = run.spec.depth
+        layer_update = gr.update(maximum=depth - 1, value=min(int(layer or 0), depth - 1))
+        return (run_info_markdown(run), viz.history_figure(run.history), gallery, img, layer_update,
+                run_summary(run))
+
+    def upload_run(self, files: list[str] | str | None) -> tuple:
+        """Open uploaded files as a run (a score file; weights and history.json optional).
+
+        Returns:
+            (run dropdown update, message markdown)
+        """
+        if not files:
+            return gr.skip(), ""
+        files = [files] if isinstance(files, (str, Path)) else list(files)
+        try:
+            run = self.registry.add_upload([str(getattr(f, "name", f)) for f in files])
+        except VitSlimError as e:
+            msg = _one_line(e)
+            gr.Warning(msg)
+            return gr.skip(), f"**Upload rejected:** {html.escape(msg)}"
+        choices = self.registry.startup_choices()
+        if (run.label, run.key) not in choices:
+            choices = choices + [(run.label, run.key)]
+        note = "" if run.has_weights else " (scores only: accuracy, prediction and retraining need the weights)"
+        return gr.update(choices=choices, value=run.key), f"Opened **{html.escape(run.label)}**{note}."
+
+    # ------------------------------------------------------------------ images
+    def pick_sample(self, run_key: str, index: int) -> dict | None:
+        """The image state of the run's sample ``index``."""
+        run = self.run(run_key)
+        samples = run.samples()
+        if not samples:
+            return None
+        return self._image_state(samples[int(index) % len(samples)])
+
+    def on_gallery_select(self, run_key: str, evt: gr.SelectData) -> dict | None:
+        return self.pick_sample(run_key, evt.index if isinstance(evt.index, int) else evt.index[0])
+
+    def upload_image(self, run_key: str, path: str | None, image: dict | None) -> tuple[dict | None, str]:
+        """Preprocess an uploaded image like the model's data (any size, grayscale or RGBA).
+
+        Returns:
+            (image state, message markdown); on a bad file the old image stays.
+        """
+        if not path:
+            return gr.skip(), ""
+        from vitslim_core.data import image_to_tensor, load_image
+        try:
+            run = self.run(run_key)
+            img = load_image(path)
+            w, h = img.size
+            x = image_to_tensor(img, run.data_cfg, dataset=run.dataset_name)
+        except (VitSlimError, OSError, ValueError) as e:
+            msg = _one_line(e)
+            gr.Warning(f"This image cannot be used: {msg}")
+            return image, f"**Image rejected:** {html.escape(msg)}"
+        name = Path(path).name
+        return ({"name": f"your image {name} ({w}×{h}, {img.mode})", "tensor": x, "label": None},
+                f"Using **{html.escape(name)}** ({w}×{h} {img.mode}), resized and normalised like the model's data.")
+
+    def predict(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
+                image: dict | None) -> tuple[dict | None, str]:
+        """Top-3 classes of the slim model at this budget for the current image.
+
+        Returns:
+            (label dict for ``gr.Label`` or None, caption markdown)
+        """
+        try:
+            run = self.run(run_key)
+            plan = self.plan(run, Budget.of(mode, flops, attn, mlp, token)).plan
+            img = self.image_for(run, image)
+            if img is None:
+                return None, "No image."
+            model = run.model()
+        except MissingWeightsError:
+            return None, f"_{html.escape(self.run(run_key).missing_weights_message('Prediction'))}._"
+        except VitSlimError as e:
+            return None, f"**{html.escape(_one_line(e))}**"
+        import torch
+
+        from vitslim_core.slim import slim_model
+        slim = slim_model(model, plan).eval()
+        with torch.inference_mode():
+            prob = torch.softmax(slim(img["tensor"]).float(), dim=-1)[0]
+        names = run.scores.class_names
+        top = torch.topk(prob, k=min(3, prob.numel()))
+        label = {(names[i] if i < len(names) else str(i)): float(p) for p, i in zip(top.values.tolist(),
+                                                                                  top.indices.tolist())}
+        truth = ""
+        if img.get("label") is not None:
+            t = int(img["label"])
+            truth = f" True class: **{html.escape(names[t] if t < len(names) else str(t))}**."
+        return label, (f"Slim model at {100 * plan.flops_ratio:.1f}% FLOPs on *{html.escape(img['name'])}*.{truth}")
+
+    # ------------------------------------------------------------------ latency
+    def measure_speed(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
+                      progress: gr.Progress = gr.Progress()) -> str:
+        """Time the physically slimmed model against the dense one on this machine (CPU)."""
+        from vitslim_core.bench import measure_latency
+        from vitslim_core.masks import remove_masks
+        from vitslim_core.slim import slim_model
+        try:
+            run = self.run(run_key)
+            plan = self.plan(run, Budget.of(mode, flops, attn, mlp, token)).plan
+            weights = run.has_weights
+            base = run.model() if weights else run.dense_architecture()
+        except VitSlimError as e:
+            return f"**{html.escape(_one_line(e))}**"
+        progress(0.1, desc="slimming")
+        slim = slim_model(base, plan, fold_scores=weights)
+        import copy
+        dense = remove_masks(copy.deepcopy(base)) if weights else base
+        batch = 32 if plan.cost.dense_macs < 2e9 else 8
+        runs = 10 if plan.cost.dense_macs < 2e9 else 3
+        progress(0.3, desc="timing the dense model")
+        d = measure_latency(dense, batch_size=batch, runs=runs, warmup=2)
+        progress(0.65, desc="timing the slim model")
+        s = measure_latency(slim, batch_size=batch, runs=runs, warmup=2)
+        measured = d["median_ms"] / s["median_ms"]
+        predicted = 1.0 / plan.flops_ratio
+        src = "" if weights else " (random weights: the run has no model.safetensors, timing does not depend on them)"
+        return (f"**measured speedup {measured:.2f}×** (predicted from FLOPs {predicted:.2f}×): dense "
+                f"{d['median_ms']:.1f} ms, slim {s['median_ms']:.1f} ms per batch of {batch} on CPU "
+                f"with {d['threads']} threads{src}. Small models are dominated by fixed overheads, so the "
+                f"measured speedup stays below the FLOPs prediction.")
+
+    # ------------------------------------------------------------------ accuracy
+    def accuracy_figure(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
+                        evals: list[dict] | None) -> Any:
+        """Accuracy vs FLOPs: the run's sweep, the session's evaluations, retrained models, the current budget."""
+        try:
+            run = self.run(run_key)
+        except VitSlimError:
+            return gr.skip()
+        rows = read_sweep(run, self.workdir)
+        current: dict | None = None
+        try:
+            current = {"flops_ratio": self.plan(run, Budget.of(mode, flops, attn, mlp, token)).plan.flops_ratio}
+        except VitSlimError:
+            current = None
+        extra = [e for e in (evals or []) if e.get("run_key") == run.key]
+        extra += self.job.results_for(run.key)
+        return viz.accuracy_curve_figure(rows, current=current, extra=extra)
+
+    def accuracy_note(self, run_key: str) -> str:
+        try:
+            run = self.run(run_key)
+        except VitSlimError as e:
+            return f"**{html.escape(_one_line(e))}**"
+        if read_sweep(run, self.workdir) is None:
+            if not run.has_weights:
+                return f"_No sweep.json for this run, and {html.escape(run.missing_weights_message('computing one'))}._"
+            return ("_This run has no accuracy curve yet (`sweep.json`). Press **Compute the curve** to slim and "
+                    "evaluate the model at 30%, 40%, ..., 100% FLOPs (no retraining)._")
+        return ("The curve shows the slimmed model **without retraining** at several budgets; retraining "
+                "recovers much of the lost accuracy.")
+
+    def _evaluate_model(self, run: OpenRun, model: Any, progress: Any = None) -> dict[str, float]:
+        from vitslim_core.train import evaluate
+        test = run.data().test
+        cb = None
+        if progress is not None:
+            def cb(i: int, n: int) -> None:
+                progress((i, n), desc="evaluating on the test split")
+        return evaluate(model, test, batch_size=128, device="cpu", progress=cb)
+
+    def evaluate_budget(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
+                        evals: list[dict] | None, progress: gr.Progress = gr.Progress()) -> tuple[str, Any, list[dict]]:
+        """Slim the searched model to this budget and measure its test accuracy (no retraining).
+
+        Returns:
+            (result markdown, accuracy figure, updated list of this session's evaluations)
+        """
+        evals = list(evals or [])
+        try:
+            run = self.run(run_key)
+            budget = Budget.of(mode, flops, attn, mlp, token)
+            plan = self.plan(run, budget).plan
+            model = run.model()
+            from vitslim_core.slim import slim_model
+            progress(0.0, desc="slimming")
+            slim = slim_model(model, plan)
+            ev = self._evaluate_model(run, slim, progress)
+        except MissingWeightsError:
+            msg = self.run(run_key).missing_weights_message("Evaluating")
+            gr.Warning(msg)
+            return f"**{html.escape(msg)}.**", gr.skip(), evals
+        except (VitSlimError, DataError) as e:
+            gr.Warning(_one_line(e))
+            return f"**{html.escape(_one_line(e))}**", gr.skip(), evals
+        evals.append({"run_key": run.key, "flops_ratio": plan.flops_ratio, "top1": ev["top1"],
+                      "kind": "evaluated here (no retraining)"})
+        md = (f"**top-1 {ev['top1']:.2f}%**, top-5 {ev['top5']:.2f}% on {ev['n']} test images at "
+              f"{100 * plan.flops_ratio:.1f}% FLOPs ({html.escape(budget.text())}), slimmed without retraining.")
+        return md, self.accuracy_figure(run_key, mode, flops, attn, mlp, token, evals), evals
+
+    def evaluate_value(self, run: OpenRun, budget: Budget) -> dict[str, float]:
+        """Evaluate without the UI (the /evaluate endpoint)."""
+        from vitslim_core.slim import slim_model
+        plan = self.plan(run, budget).plan
+        ev = self._evaluate_model(run, slim_model(run.model(), plan))
+        return {**ev, "flops_ratio": plan.flops_ratio, "params": plan.params}
+
+    def compute_sweep(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
+                      evals: list[dict] | None, progress: gr.Progress = gr.Progress()) -> tuple[str, Any]:
+        """Run ``vitslim_core.sweep.sweep`` on the run and write sweep.json (run folder or work dir)."""
+        from vitslim_core.sweep import DEFAULT_BUDGETS, sweep, write_sweep
+        try:
+            run = self.run(run_key)
+            if not run.has_weights:
+                raise MissingWeightsError(run.missing_weights_message("The accuracy curve"))
+            progress(0.0, desc="slimming and evaluating")
+
+            def cb(i: int, n: int, row: dict) -> None:
+                progress((i, n), desc=f"budget {row['target']:.0%}: top-1 {row['top1']:.1f}%")
+            rows = sweep(run.folder, budgets=DEFAULT_BUDGETS, progress=cb)
+            out = sweep_file(run, self.workdir)
+            write_sweep(rows, out.parent)
+        except VitSlimError as e:
+            gr.Warning(_one_line(e))
+            return f"**{html.escape(_one_line(e))}**", gr.skip()
+        return (f"Wrote the curve ({len(rows)} budgets) to `{out}`.",
+                self.accuracy_figure(run_key, mode, flops, attn, mlp, token, evals))
+
+    # ------------------------------------------------------------------ export
+    def _export_dir(self, run: OpenRun, budget: Budget) -> Path:
+        import hashlib
+        h = hashlib.sha256(run.key.encode()).hexdigest()[:10]
+        d = self.workdir / "exports" / f"{Path(run.key).name[:40]}-{h}" / budget.slug()
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def export_plan(self, run_key: str, mode: str, flops: float, attn: float, mlp: float,
+                    token: float) -> tuple[str | None, str]:
+        """Write the plan of this budget as JSON; returns (file path, message)."""
+        try:
+            run = self.run(run_key)
+            budget = Budget.of(mode, flops, attn, mlp, token)
+            plan = self.plan(run, budget).plan
+            path = plan.save(self._export_dir(run, budget) / "plan.json")
+        except VitSlimError as e:
+            gr.Warning(_one_line(e))
+            return None, f"**{html.escape(_one_line(e))}**"
+        return str(path), (f"Plan for {html.escape(budget.text())}: {100 * plan.flops_ratio:.1f}% FLOPs. Use it with "
+                           f"`vitslim slim RUN --plan plan.json` or `SlimPlan.load('plan.json')`.")
+
+    def export_slim(self, run_key: str, mode: str, flops: float, attn: float, mlp: float,
+                    token: float) -> tuple[str | None, str]:
+        """Slim the model to this budget and zip the ``save_slim`` folder; returns (zip path, message)."""
+        import shutil
+
+        from vitslim_core.slim import save_slim, slim_model
+        try:
+            run = self.run(run_key)
+            budget = Budget.of(mode, flops, attn, mlp, token)
+            plan = self.plan(run, budget).plan
+            model = run.model()
+            slim = slim_model(model, plan)
+            slim.slim_data = run.data_cfg | {"class_names": run.scores.class_names}
+            d = self._export_dir(run, budget)
+            save_slim(slim, d / "slim")
+            zip_path = shutil.make_archive(str(d / f"slim-{budget.slug()}"), "zip", root_dir=d / "slim")
+        except MissingWeightsError:
+            msg = self.run(run_key).missing_weights_message("The slim model")
+            gr.Warning(msg)
+            return None, f"**{html.escape(msg)}.**"
+        except VitSlimError as e:
+            gr.Warning(_one_line(e))
+            return None, f"**{html.escape(_one_line(e))}**"
+        return zip_path, (f"Slim model at {100 * plan.flops_ratio:.1f}% FLOPs, {_fmt_params(plan.params)} params "
+                          f"(not retrained). Unzip and load it with `vitslim_core.slim.load_slim(folder)`.")
+
+    # ------------------------------------------------------------------ retraining
+    def start_retrain(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
+                      epochs: float, lr: float, distill: bool, max_steps: float,
+                      progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
+        """Start retraining the slim model of this budget and follow it until it ends.
+
+        Yields:
+            (status markdown, training curve figure, download files, accuracy figure or skip)
+        """
+        try:
+            run = self.run(run_key)
+            if not run.has_weights:
+                raise MissingWeightsError(run.missing_weights_message("Retraining"))
+            budget = Budget.of(mode, flops, attn, mlp, token)
+            self.plan(run, budget)  # fail early on impossible budgets
+            epochs_i = int(epochs) if epochs is not None else 1
+            steps_i, lr_f = int(max_steps or 0), float(lr if lr is not None else 2e-4)
+            if epochs_i < 1 or steps_i < 0 or not (0 < lr_f < 1):
+                raise VitSlimError("epochs must be >= 1, max steps >= 0 and the learning rate in (0, 1)")
+            out = self.workdir / "retrain" / f"job-{time.strftime('%Y%m%d-%H%M%S')}-{budget.slug()}"
+            req = RetrainRequest(run_key=run.key, run_label=run.label, out=out, budget=budget.retrain_kwargs(),
+                                 budget_text=budget.text(), epochs=epochs_i, lr=lr_f, distill=bool(distill),
+                                 max_steps=steps_i, evaluate=lambda m: self._evaluate_model(run, m)["top1"])
+            job_id = self.job.start(req)
+        except JobBusyError as e:
+            gr.Warning(str(e))
+            yield (f"**Busy:** {html.escape(str(e))}", gr.skip(), gr.skip(), gr.skip())
+            return
+        except VitSlimError as e:
+            gr.Warning(_one_line(e))
+            yield (f"**{html.escape(_one_line(e))}**", gr.skip(), gr.skip(), gr.skip())
+            return
+        last_n = -1
+        while True:
+            st = self.job.status()
+            if st.job_id != job_id:
+                break
+            if st.total_steps:
+                progress((st.step, st.total_steps), desc=f"retraining: step {st.step}/{st.total_steps}")
+            else:
+                progress(0.0, desc="starting (loading the model and data)")
+            n = len(st.log) + len(st.evals)
+            if not st.active:
+                break
+            if n != last_n:
+                last_n = n
+                yield (self._status_md(st), viz.training_curve_figure(st.history(), st.total_steps or None),
+                       gr.skip(), gr.skip())
+            else:
+                yield (self._status_md(st), gr.skip(), gr.skip(), gr.skip())
+            time.sleep(0.4)
+        files = [p for p in (st.zip_path, st.program_path) if p]
+        yield (self._status_md(st), viz.training_curve_figure(st.history(), st.total_steps or None),
+               files or None, self.accuracy_figure(run_key, mode, flops, attn, mlp, token, None))
+
+    def stop_retrain(self) -> str:
+        """Ask the running job to stop (it saves a checkpoint and packages what it has)."""
+        if self.job.stop():
+            return "**Stopping** after the current step; the model trained so far will be offered for download."
+        return "No retraining job is running."
+
+    def _status_md(self, st: JobStatus) -> str:
+        if st.state == "idle":
+            return "No retraining job has run in this app yet."
+        head = f"Job {st.job_id} ({html.escape(st.run_label)}, {html.escape(st.budget)}): "
+        if st.active:
+            pct = 100 * st.fraction
+            loss = f", loss {st.log[-1]['loss']:.3f}" if st.log else ""
+            bar = f'<div class="vs-progress" id="vs-job-progress"><div style="width:{pct:.0f}%"></div></div>'
+            return f"{bar}\n\n{head}**{st.state}**, step {st.step}/{st.total_steps or '?'}{loss}. {html.escape(st.note)}"
+        if st.state == "failed":
+            return f"{head}**failed**: {html.escape(st.error)}"
+        acc = f"top-1 **{st.top1:.2f}%**" if st.top1 is not None else "accuracy not measured"
+        took = f" in {st.finished - st.started:.0f} s" if st.finished else ""
+        word = "finished" if st.state == "done" else "stopped early"
+        note = f" ({html.escape(st.note)})" if st.note else ""
+        return (f"{head}**{word}**{took} after {st.step} steps: {acc} at {100 * (st.flops_ratio or 0):.1f}% FLOPs. "
+                f"Download the slim model below{note}.")
+
+    def job_status(self) -> str:
+        """One line about the shared job (polled by every open page)."""
+        st = self.job.status()
+        if st.state == "idle":
+            return "Retraining: idle."
+        if st.active:
+            return (f"Retraining is **busy**: job {st.job_id} ({html.escape(st.run_label)}, {html.escape(st.budget)}) "
+                    f"at step {st.step}/{st.total_steps or '?'}. Only one job runs at a time.")
+        return f"Retraining: idle (last job {st.job_id} {st.state})."
+
+    # ------------------------------------------------------------------ URL state
+    def url_state(self, query: dict[str, str]) -> dict[str, Any]:
+        """Read ``?flops=0.6&view=tokens`` (and mode, attn, mlp, token, layer, run) from the page URL."""
+        def num(k: str, lo: float, hi: float) -> float | None:
+            try:
+                v = float(query[k])
+            except (KeyError, TypeError, ValueError):
+                return None
+            return min(hi, max(lo, v)) if math.isfinite(v) else None
+        out: dict[str, Any] = {}
+        for k in ("flops", "attn", "mlp", "token"):
+            v = num(k, 0.01, 1.0)
+            if v is not None:
+                out[k] = v
+        mode = query.get("mode")
+        if mode in ("flops", "ratios"):
+            out["mode"] = mode
+        elif any(k in out for k in ("attn", "mlp", "token")) and "flops" not in out:
+            out["mode"] = "ratios"
+        lay = num("layer", 0, 10_000)
+        if lay is not None:
+            out["layer"] = int(lay)
+        view = query.get("view")
+        if view in VIEWS:
+            out["view"] = view
+        run = query.get("run")
+        if run:
+            for label, key in self.registry.startup_choices():
+                if run in (label, Path(key).name):
+                    out["run"] = key
+        return out
+
+    def on_load(self, request: gr.Request) -> tuple:
+        """Apply the URL's state to the controls when a page opens."""
+        q = dict(getattr(request, "query_params", {}) or {}) if request is not None else {}
+        st = self.url_state(q)
+        upd = lambda k: gr.update(value=st[k]) if k in st else gr.skip()  # noqa: E731
+        tabs = gr.Tabs(selected=st["view"]) if "view" in st else gr.skip()
+        return (upd("run"), upd("mode"), upd("flops"), upd("attn"), upd("mlp"), upd("token"), upd("layer"), tabs)
+
+    # ------------------------------------------------------------------ API endpoints
+    def api_set_budget(self, flops: float) -> dict:
+        """Plan the default run for a FLOPs budget (fraction of dense FLOPs, in (0, 1]).
+
+        Returns the plan summary: flops, gflops, flops_ratio, params, kept fractions and per-layer kept
+        counts (heads, dims per head, MLP units, tokens, MACs), plus "note" when approximated.
+        """
+        try:
+            run = self.run(None)
+            res = self.plan(run, Budget.of("flops", flops))
+        except VitSlimError as e:
+            raise gr.Error(_one_line(e)) from None
+        return {**res.plan.summary(), "note": res.note, "run": run.label}
+
+    def api_set_ratios(self, attn: float, mlp: float, token: float) -> dict:
+        """Plan the default run by kept fractions of attention dims, MLP units and tokens (each in (0, 1]).
+
+        Returns the same summary as /set_budget.
+        """
+        try:
+            run = self.run(None)
+            res = self.plan(run, Budget.of("ratios", None, attn, mlp, token))
+        except VitSlimError as e:
+            raise gr.Error(_one_line(e)) from None
+        return {**res.plan.summary(), "note": res.note, "run": run.label}
+
+    def api_token_overlay(self, image: str | None, layer: float, budget: float) -> np.ndarray:
+        """Token mask of the default run on an image: patches dropped before block ``layer`` are dimmed,
+        at FLOPs budget ``budget``. Returns the overlay image."""
+        if not image:
+            raise gr.Error("give an image")
+        from vitslim_core.data import image_to_tensor, load_image
+        try:
+            run = self.run(None)
+            plan = self.plan(run, Budget.of("flops", budget)).plan
+            x = image_to_tensor(load_image(image), run.data_cfg, dataset=run.dataset_name)
+        except (VitSlimError, OSError, ValueError) as e:
+            raise gr.Error(_one_line(e)) from None
+        return viz.token_overlay(x, plan, int(layer), run.data_cfg)
+
+    def api_evaluate(self, budget: float) -> dict:
+        """Test accuracy of the default run's searched model slimmed to FLOPs ratio ``budget`` (no retraining).
+
+        Returns top1, top5 (percent), loss, n (images), flops_ratio and params.
+        """
+        try:
+            run = self.run(None)
+            return self.evaluate_value(run, Budget.of("flops", budget))
+        except VitSlimError as e:
+            raise gr.Error(_one_line(e)) from None

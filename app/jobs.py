@@ -1,0 +1,226 @@
+"""The one retraining job an app process runs at a time (module-level, guarded by a lock).
+
+Retraining takes the CPU (or GPU) of the whole machine, so a second user who presses Start is told
+that a job is running instead of starting another one. The job runs ``vitslim_core.retrain.retrain``
+in a daemon thread; ``stop()`` makes its ``should_stop`` return True, the training loop saves a
+checkpoint and returns, and the job still packages what it has.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+class JobBusyError(RuntimeError):
+    """Another retraining job is running in this app."""
+
+
+@dataclass
+class JobStatus:
+    """A snapshot of the job, safe to read while it runs (a copy)."""
+
+    job_id: int = 0
+    state: str = "idle"  # idle | starting | running | packaging | done | stopped | failed
+    run_key: str = ""
+    run_label: str = ""
+    budget: str = ""
+    out: str = ""
+    started: float = 0.0
+    finished: float = 0.0
+    step: int = 0
+    total_steps: int = 0
+    log: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    flops_ratio: float | None = None
+    top1: float | None = None
+    zip_path: str | None = None
+    program_path: str | None = None
+    note: str = ""
+    error: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("starting", "running", "packaging")
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+
+    def history(self) -> dict[str, Any]:
+        return {"log": self.log, "eval": self.evals}
+
+
+@dataclass
+class RetrainRequest:
+    """What the app asks for; turned into a ``RetrainConfig`` inside the job thread."""
+
+    run_key: str
+    run_label: str
+    out: Path
+    budget: dict[str, Any]  # {"flops": r} or {"attn": a, "mlp": m, "token": t}
+    budget_text: str
+    epochs: int = 1
+    lr: float = 2e-4
+    distill: bool = True
+    max_steps: int = 0
+    batch_size: int = 64
+    device: str = "cpu"
+    evaluate: Callable[[Any], float] | None = None  # top-1 of a slim model when the loop did not evaluate
+
+
+class RetrainJob:
+    """Runs at most one retraining at a time and keeps the results of finished ones."""
+
+    def __init__(self, runner: Callable[..., Any] | None = None) -> None:
+        """Args: runner: replaces ``vitslim_core.retrain.retrain`` (tests, other back-ends)."""
+        self.runner = runner
+        self._lock = threading.Lock()
+        self._status = JobStatus()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._next_id = 1
+        self.results: list[dict[str, Any]] = []  # finished jobs: run_key, flops_ratio, top1, paths
+
+    # ------------------------------------------------------------------ reading
+    def status(self) -> JobStatus:
+        with self._lock:
+            return copy.deepcopy(self._status)
+
+    def results_for(self, run_key: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self.results if r["run_key"] == run_key]
+
+    # ------------------------------------------------------------------ control
+    def start(self, req: RetrainRequest) -> int:
+        """Start a job in a background thread; raises JobBusyError if one is active."""
+        with self._lock:
+            if self._status.active:
+                s = self._status
+                raise JobBusyError(f"a retraining job is already running ({s.run_label}, {s.budget}, "
+                                   f"step {s.step}/{s.total_steps or '?'}); wait for it or stop it")
+            job_id = self._next_id
+            self._next_id += 1
+            self._status = JobStatus(job_id=job_id, state="starting", run_key=req.run_key, run_label=req.run_label,
+                                     budget=req.budget_text, out=str(req.out), started=time.time())
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, args=(job_id, req, self.runner), daemon=True,
+                                            name=f"vitslim-retrain-{job_id}")
+            self._thread.start()
+        return job_id
+
+    def stop(self) -> bool:
+        """Ask the running job to stop after its current step; False if none is active."""
+        with self._lock:
+            if not self._status.active:
+                return False
+            self._stop.set()
+            self._status.note = "stopping after the current step..."
+            return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the job thread to end (True if it did)."""
+        t = self._thread
+        if t is None:
+            return True
+        t.join(timeout)
+        return not t.is_alive()
+
+    # ------------------------------------------------------------------ the thread
+    def _update(self, **kw: Any) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self._status, k, v)
+
+    def _on_log(self, rec: dict) -> None:
+        with self._lock:
+            st = self._status
+            st.state = "running" if st.state == "starting" else st.state
+            if "eval" in rec:
+                st.evals.append(dict(rec["eval"]))
+                return
+            st.log.append(dict(rec))
+            st.step = int(rec.get("step", st.step))
+            epoch = float(rec.get("epoch") or 0.0)
+            if epoch > 0 and st.step > 0 and not st.total_steps:
+                per_epoch = int(round(st.step / epoch))
+                st.total_steps = per_epoch * self._epochs
+                if self._max_steps > 0:
+                    st.total_steps = min(st.total_steps, self._max_steps)
+
+    def _run(self, job_id: int, req: RetrainRequest, runner: Callable[..., Any] | None) -> None:
+        self._epochs, self._max_steps = req.epochs, req.max_steps
+        try:
+            from vitslim_core.retrain import RetrainConfig, retrain
+            runner = runner or retrain
+            out = Path(req.out)
+            cfg = RetrainConfig(run=req.run_key, out=str(out), epochs=req.epochs, lr=req.lr,
+                                distill="soft" if req.distill else "none", device=req.device,
+                                max_steps=req.max_steps, batch_size=req.batch_size,
+                                log_every=1 if (req.max_steps and req.max_steps <= 100) else 5, **req.budget)
+            self._update(state="running")
+            result = runner(cfg, on_log=self._on_log, should_stop=self._stop.is_set)
+            stopped = bool(result.history.get("stopped")) or self._stop.is_set()
+            self._update(state="packaging", note="packaging the slim model...")
+            info = self._package(out, result, req.evaluate, stopped)
+            final = "stopped" if stopped else "done"
+            with self._lock:
+                st = self._status
+                st.state, st.finished = final, time.time()
+                st.flops_ratio, st.top1 = info["flops_ratio"], info["top1"]
+                st.zip_path, st.program_path, st.note = info["zip"], info["program"], info["note"]
+                if st.top1 is not None:
+                    self.results.append({"run_key": req.run_key, "flops_ratio": st.flops_ratio, "top1": st.top1,
+                                         "kind": "retrained" + (" (stopped early)" if stopped else ""),
+                                         "job_id": job_id, "zip": st.zip_path, "program": st.program_path})
+        except Exception as e:  # noqa: BLE001 - the thread must always end in a readable state
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            from vitslim_core.errors import VitSlimError
+            if not isinstance(e, VitSlimError):
+                msg = f"{type(e).__name__}: {msg}"
+                traceback.print_exc()
+            self._update(state="failed", error=msg, finished=time.time(), note="")
+
+    def _package(self, out: Path, result: Any, evaluate: Callable[[Any], float] | None,
+                 stopped: bool) -> dict[str, Any]:
+        """Evaluate (if the loop did not), zip the slim model and export a program (.pt2)."""
+        from vitslim_core.slim import load_slim
+        best = out / "best"
+        folder = best if (best / "slim.json").is_file() and not stopped else out / "last"
+        notes = []
+        top1 = result.best_top1
+        if not (folder / "slim.json").is_file():
+            return {"flops_ratio": result.plan.flops_ratio, "top1": None, "zip": None, "program": None,
+                    "note": "no model was saved (stopped before the first step)"}
+        model = load_slim(folder)
+        if (top1 is None or folder.name == "last") and evaluate is not None:
+            top1 = evaluate(model)
+        zip_base = out / f"slim-{out.name}"
+        zip_path = shutil.make_archive(str(zip_base), "zip", root_dir=folder)
+        program = None
+        try:
+            from vitslim_core.export import export_program
+            program = str(out / f"slim-{out.name}.pt2")
+            export_program(model, program)
+        except ImportError:
+            program = None
+            notes.append("program export is not available in this vitslim version")
+        except Exception as e:  # noqa: BLE001 - export is a bonus; the zip is the result
+            program = None
+            notes.append(f"program export failed ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
+        return {"flops_ratio": result.plan.flops_ratio, "top1": top1, "zip": zip_path, "program": program,
+                "note": "; ".join(notes)}
+
+
+JOB = RetrainJob()
+"""The process-wide retraining job shared by every session of every app in this process."""
+
+
+def job_status_dict(st: JobStatus) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(st).items() if k not in ("log", "evals")}

@@ -1,0 +1,87 @@
+"""Command line of the app: ``vitslim app [RUN ...]`` and ``python -m app [RUN ...]``.
+
+This module imports nothing heavy, so ``vitslim --help`` stays fast; Gradio and torch are imported
+when the app starts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The app's options (shared by ``vitslim app`` and ``python -m app``)."""
+    p.add_argument("runs", nargs="*", metavar="RUN",
+                   help="search run folders (or their scores.safetensors); default: the bundled digits demo")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s; anything else exposes the app on the network)")
+    p.add_argument("--port", type=int, default=7860, help="port (default %(default)s)")
+    p.add_argument("--auth", metavar="USER:PASS", help="require this user name and password")
+    p.add_argument("--workdir", help="folder for uploads, exports and retraining output (default: a temp dir)")
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("--auth must look like USER:PASS")
+    return user, password
+
+
+def check_runs(runs: Sequence[str]) -> list[Path]:
+    """Run folders that exist and hold a score file (one-line errors otherwise)."""
+    from vitslim_core.errors import ScoreFileError
+    out = []
+    for r in runs:
+        p = Path(r).expanduser()
+        folder = p.parent if p.is_file() else p
+        if not (folder / "scores.safetensors").is_file():
+            raise ScoreFileError(f"{r} is not a search run folder (no scores.safetensors)")
+        out.append(folder.resolve())
+    if not out:
+        from vitslim_core.demo import DEMO_DIR
+        if not (DEMO_DIR / "scores.safetensors").is_file():
+            raise ScoreFileError(f"the bundled demo is missing ({DEMO_DIR}); rebuild it with `vitslim demo` "
+                                 "or pass a run folder")
+        out.append(DEMO_DIR)
+    return out
+
+
+def serve(a: argparse.Namespace) -> int:
+    """Start the app and block until Ctrl-C."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from vitslim_core.errors import VitSlimError
+    try:
+        auth = parse_auth(a.auth)
+    except ValueError as e:
+        raise VitSlimError(str(e)) from None
+    runs = check_runs(a.runs)
+    if a.host not in LOCAL_HOSTS:
+        print(f"warning: listening on {a.host}: anyone who can reach this address can use the app"
+              + ("" if auth else " (no --auth given)") + " and run jobs on this machine", file=sys.stderr)
+    from .ui import build_app, launch_app
+    demo = build_app(runs=runs, workdir=a.workdir)
+    print(f"vitslim app: {len(runs)} run(s); work dir {demo.explorer.workdir}", flush=True)
+    launch_app(demo, host=a.host, port=a.port, auth=auth, open_browser=not a.no_browser)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m app", description="The ViT-Slim exploration app (Gradio).")
+    add_arguments(p)
+    a = p.parse_args(argv)
+    from vitslim_core.errors import VitSlimError
+    try:
+        return serve(a)
+    except VitSlimError as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

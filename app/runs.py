@@ -1,0 +1,342 @@
+"""Runs the app can show: the bundled demo, folders named on the command line, uploaded score files.
+
+A run is identified in the page by its folder path (the "run key"). Only folders given at start-up
+and folders the app created under its work dir (uploads) are accepted, so a crafted request cannot
+make the app read other files. Loaded runs are cached per app (``RunRegistry``), the searched model
+and the test split are loaded on first use.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitslim_core.errors import ScoreFileError, VitSlimError
+from vitslim_core.scores import MaskScores
+
+MAX_HISTORY_BYTES = 64 << 20
+
+
+class MissingWeightsError(VitSlimError):
+    """The run has scores but no searched weights (model.safetensors)."""
+
+
+@dataclass
+class Sample:
+    """One image the app offers: a preprocessed model input and a thumbnail."""
+
+    name: str
+    tensor: Any            # (1, C, H, W) normalised like the model's data
+    thumb: Any             # (h, w, 3) uint8 for the gallery
+    label: int | None = None
+
+
+@dataclass
+class OpenRun:
+    """A loaded run: its scores (always), history and sweep (if present), weights (on demand)."""
+
+    key: str
+    label: str
+    folder: Path
+    scores: MaskScores
+    history: dict | None
+    bundled: bool = False
+    uploaded: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _model: Any = field(default=None, repr=False)
+    _data: Any = field(default=None, repr=False)
+    _samples: list[Sample] | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def spec(self):
+        return self.scores.spec
+
+    @property
+    def has_weights(self) -> bool:
+        return (self.folder / "model.safetensors").is_file()
+
+    @property
+    def data_cfg(self) -> dict[str, Any]:
+        d = dict(self.scores.meta.get("data") or {})
+        s = self.spec
+        d.setdefault("input_size", [s.in_chans, *s.img_size])
+        d.setdefault("mean", [0.5] * s.in_chans)
+        d.setdefault("std", [0.5] * s.in_chans)
+        return d
+
+    @property
+    def dataset_name(self) -> str | None:
+        return (self.scores.meta.get("data") or {}).get("name")
+
+    def missing_weights_message(self, what: str) -> str:
+        return (f"{what} needs the searched weights, but run '{self.label}' has only its scores "
+                f"(no model.safetensors next to scores.safetensors)")
+
+    # ------------------------------------------------------------------ heavy parts, loaded once
+    def model(self):
+        """The searched model with masks set to the scores (shared: never modify it, slim a copy)."""
+        if not self.has_weights:
+            raise MissingWeightsError(self.missing_weights_message("this"))
+        with self._lock:
+            if self._model is None:
+                from vitslim_core.search import load_run
+                _, self._model = load_run(self.folder)
+            return self._model
+
+    def dense_architecture(self):
+        """The architecture with random weights (enough to time it): no weights needed."""
+        from vitslim_core.models import rebuild_model
+        recipe = self.scores.model_recipe
+        if not recipe:
+            raise ScoreFileError(f"run '{self.label}' does not say which model it was made for")
+        return rebuild_model(recipe).eval()
+
+    def data(self, augment: bool = False):
+        """The run's dataset bundle (test split for evaluation)."""
+        with self._lock:
+            if self._data is None:
+                from vitslim_core.data import load_data
+                name = self.dataset_name
+                if not name:
+                    raise VitSlimError(f"run '{self.label}' does not name its dataset")
+                d = self.data_cfg
+                inp = d["input_size"]
+                self._data = load_data(name, img_size=tuple(inp[1:]), in_chans=int(inp[0]), mean=d["mean"],
+                                       std=d["std"], interpolation=d.get("interpolation", "bicubic"),
+                                       crop_pct=d.get("crop_pct", 0.875), augment=augment)
+            return self._data
+
+    def samples(self) -> list[Sample]:
+        """Images to try: ten test images of a bundled dataset and, for colour models, three photos."""
+        with self._lock:
+            if self._samples is not None:
+                return self._samples
+        out: list[Sample] = []
+        if self.dataset_name in ("digits",) or (self.dataset_name or "").startswith("synthetic"):
+            try:
+                out.extend(self._dataset_samples())
+            except VitSlimError:
+                pass
+        if self.spec.in_chans == 3 or not out:
+            out.extend(self._photo_samples())
+        with self._lock:
+            self._samples = out
+        return out
+
+    def _dataset_samples(self, n: int = 10) -> list[Sample]:
+        from vitslim_core.viz import display_image
+        test = self.data().test
+        names = self.scores.class_names
+        picked: dict[int, int] = {}
+        targets = getattr(test, "targets", None) or [test[i][1] for i in range(min(len(test), 200))]
+        for i, t in enumerate(targets):  # one image per class first, in class order
+            if int(t) not in picked:
+                picked[int(t)] = i
+            if len(picked) >= n:
+                break
+        out = []
+        for cls in sorted(picked)[:n]:
+            x, y = test[picked[cls]]
+            x = x[None]
+            thumb = display_image(x, self.data_cfg)
+            f = max(1, 64 // max(thumb.shape[:2]))
+            thumb = thumb.repeat(f, 0).repeat(f, 1)
+            label = names[int(y)] if int(y) < len(names) else str(int(y))
+            out.append(Sample(f"test digit {label}" if self.dataset_name == "digits" else f"test image: {label}",
+                              x, thumb, int(y)))
+        return out
+
+    def _photo_samples(self) -> list[Sample]:
+        from PIL import Image
+
+        from vitslim_core.data import image_to_tensor
+        try:
+            import skimage.data as skd
+        except ImportError:
+            return []
+        out = []
+        for name in ("astronaut", "coffee", "chelsea"):
+            try:
+                img = Image.fromarray(getattr(skd, name)())
+            except Exception:  # noqa: BLE001 - a missing sample file just means one sample fewer
+                continue
+            x = image_to_tensor(img, self.data_cfg, dataset=self.dataset_name)
+            thumb = img.copy()
+            thumb.thumbnail((96, 96))
+            import numpy as np
+            out.append(Sample(name, x, np.asarray(thumb.convert("RGB")), None))
+        return out
+
+
+# ====================================================================== registry
+def _run_label(folder: Path, bundled: bool) -> str:
+    if bundled:
+        return "digits demo (bundled)"
+    return folder.name or str(folder)
+
+
+def read_history(folder: Path) -> dict | None:
+    p = folder / "history.json"
+    if not p.is_file() or p.stat().st_size > MAX_HISTORY_BYTES:
+        return None
+    try:
+        h = json.loads(p.read_bytes())
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return h if isinstance(h, dict) else None
+
+
+class RunRegistry:
+    """The runs one app may open, loaded lazily and cached by folder and file time."""
+
+    def __init__(self, runs: list[str | Path], workdir: Path, bundled: Path | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.uploads = self.workdir / "uploads"
+        self.bundled = Path(bundled).resolve() if bundled else None
+        self.startup = [self._folder(r) for r in runs]
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[float, OpenRun]] = {}
+
+    @staticmethod
+    def _folder(path: str | Path) -> Path:
+        p = Path(path).expanduser().resolve()
+        return p.parent if p.is_file() and p.name == "scores.safetensors" else p
+
+    def default_key(self) -> str:
+        return str(self.startup[0]) if self.startup else ""
+
+    def startup_choices(self) -> list[tuple[str, str]]:
+        return [(_run_label(p, p == self.bundled), str(p)) for p in self.startup]
+
+    def allowed(self, key: str) -> bool:
+        if not key:
+            return False
+        p = Path(key).resolve()
+        if p in self.startup:
+            return True
+        try:
+            p.relative_to(self.uploads.resolve())
+        except ValueError:
+            return False
+        return (p / "scores.safetensors").is_file()
+
+    def get(self, key: str | None) -> OpenRun:
+        """The run of a key from the page (the default run for an empty key)."""
+        key = key or self.default_key()
+        if not key:
+            raise ScoreFileError("no run is open: start the app with a run folder or upload a scores.safetensors")
+        if not self.allowed(key):
+            raise ScoreFileError(f"run {key} is not one this app was started with")
+        folder = Path(key).resolve()
+        scores_file = folder / "scores.safetensors"
+        try:
+            stamp = scores_file.stat().st_mtime
+        except OSError:
+            raise ScoreFileError(f"run folder {folder} has no scores.safetensors") from None
+        with self._lock:
+            hit = self._cache.get(str(folder))
+            if hit and hit[0] == stamp:
+                return hit[1]
+        scores = MaskScores.load(scores_file)
+        uploaded = folder not in self.startup
+        label = self._upload_label(folder) if uploaded else _run_label(folder, folder == self.bundled)
+        run = OpenRun(str(folder), label, folder, scores, read_history(folder), bundled=folder == self.bundled,
+                      uploaded=uploaded)
+        with self._lock:
+            self._cache[str(folder)] = (stamp, run)
+        return run
+
+    def _upload_label(self, folder: Path) -> str:
+        try:
+            name = json.loads((folder / "upload.json").read_text()).get("name", folder.name)
+        except (OSError, ValueError):
+            name = folder.name
+        return f"uploaded: {name}"
+
+    # ------------------------------------------------------------------ uploads
+    def add_upload(self, files: list[str | Path]) -> OpenRun:
+        """Make a run folder from uploaded files: one score file, optional weights and history.json.
+
+        Files are recognised by content (safetensors metadata "format"), not by name.
+        """
+        from safetensors import SafetensorError, safe_open
+        scores_src = weights_src = history_src = None
+        for f in files:
+            f = Path(f)
+            if f.suffix.lower() == ".json":
+                history_src = f
+                continue
+            if f.suffix.lower() != ".safetensors":
+                raise ScoreFileError(f"{f.name} is not a .safetensors or history .json file")
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    fmt = (st.metadata() or {}).get("format")
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+                raise ScoreFileError(f"{f.name} is not a readable safetensors file ({reason})") from None
+            if fmt == "vitslim-scores":
+                scores_src = f
+            elif fmt == "vitslim-weights":
+                weights_src = f
+            else:
+                raise ScoreFileError(f"{f.name} is neither a vitslim score file nor searched weights "
+                                     f"(its format is {fmt!r})")
+        if scores_src is None:
+            raise ScoreFileError("upload a scores.safetensors (weights model.safetensors and history.json optional)")
+        MaskScores.load(scores_src)  # validate before keeping anything
+        digest = hashlib.sha256()
+        for f in (scores_src, weights_src):
+            if f is not None:
+                with open(f, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        digest.update(chunk)
+        folder = self.uploads / digest.hexdigest()[:16]
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp_names = []
+        for src, name in ((scores_src, "scores.safetensors"), (weights_src, "model.safetensors"),
+                          (history_src, "history.json")):
+            if src is not None:
+                tmp = folder / f".{name}.part"
+                shutil.copyfile(src, tmp)
+                tmp_names.append((tmp, folder / name))
+        for tmp, dst in tmp_names:
+            os.replace(tmp, dst)
+        (folder / "upload.json").write_text(json.dumps({"name": Path(scores_src).name if Path(scores_src).name !=
+                                                        "scores.safetensors" else folder.name}))
+        run = self.get(str(folder))
+        if weights_src is not None:
+            try:
+                run.model()
+            except VitSlimError:
+                (folder / "model.safetensors").unlink(missing_ok=True)
+                with run._lock:
+                    run._model = None
+                raise
+        return run
+
+
+def sweep_file(run: OpenRun, workdir: Path) -> Path:
+    """Where the app writes a run's sweep: the run folder if it is ours to write, else the work dir."""
+    if not run.bundled and os.access(run.folder, os.W_OK):
+        return run.folder / "sweep.json"
+    h = hashlib.sha256(str(run.folder).encode()).hexdigest()[:16]
+    return Path(workdir) / "sweeps" / h / "sweep.json"
+
+
+def read_sweep(run: OpenRun, workdir: Path) -> list[dict] | None:
+    """Rows of the run's sweep.json (work-dir copy first, then the run folder); None if absent."""
+    for p in (sweep_file(run, workdir), run.folder / "sweep.json"):
+        if p.is_file() and p.stat().st_size < MAX_HISTORY_BYTES:
+            try:
+                rows = json.loads(p.read_bytes()).get("rows")
+            except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+                continue
+            if isinstance(rows, list):
+                return [r for r in rows if isinstance(r, dict)]
+    return None

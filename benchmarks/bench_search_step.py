@@ -1,0 +1,122 @@
+"""Search step vs plain fine-tuning step: time and peak memory, side by side, on CPU.
+
+One step = forward, cross-entropy (+ the l1 terms for search), backward, AdamW step.
+Time: interleaved rounds in one process, median per step. Peak memory: each variant runs in a fresh
+subprocess; we report its peak resident set size (VmHWM) and how much it grew during the steps after
+the model, the optimizer state and a warm-up step exist (the activations of one step).
+
+    python benchmarks/bench_search_step.py            # DeiT-S shape (img 224, batch 8) and the demo model
+    python benchmarks/bench_search_step.py --quick    # smaller: DeiT-S shape at batch 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CASES = {
+    "deit_small (224px)": dict(name="deit_small_patch16_224", kwargs={}, batch=8, classes=1000),
+    "digits-vit demo": dict(name="digits-vit", kwargs={}, batch=64, classes=10),
+}
+
+
+def build(case: dict, masked: bool):
+    from vitslim_core import add_masks
+    from vitslim_core.models import build_model
+    from vitslim_core.train import param_groups
+    torch.manual_seed(0)
+    model, _ = build_model(case["name"], **case["kwargs"])
+    if masked:
+        add_masks(model)
+    model.train()
+    opt = torch.optim.AdamW(param_groups(model, 0.05, 1e-4, 1e-3), lr=1e-4)
+    c, h, w = model.patch_embed.proj.in_channels, *model.patch_embed.img_size
+    x = torch.randn(case["batch"], c, h, w)
+    y = torch.randint(0, case["classes"], (case["batch"],))
+    return model, opt, x, y
+
+
+def step(model, opt, x, y, masked: bool) -> None:
+    loss = F.cross_entropy(model(x), y)
+    if masked:
+        la, lm, lt = model.slim_masks.l1_terms()
+        loss = loss + 2e-4 * la + 5e-5 * lm + 1e-4 * lt
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def time_case(case: dict, rounds: int, steps: int) -> dict:
+    runs = {m: build(case, m) for m in (False, True)}
+    for m, (model, opt, x, y) in runs.items():
+        step(model, opt, x, y, m)  # warm-up
+    times = {False: [], True: []}
+    for _ in range(rounds):
+        for m, (model, opt, x, y) in runs.items():
+            t = time.perf_counter()
+            for _ in range(steps):
+                step(model, opt, x, y, m)
+            times[m].append((time.perf_counter() - t) / steps)
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def peak_memory(case_name: str, masked: bool, steps: int) -> float:
+    """Max RSS growth (MiB) while running ``steps`` steps, in a fresh process."""
+    code = f"""
+import json, resource, sys, torch
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import bench_search_step as b
+torch.set_num_threads(torch.get_num_threads())
+model, opt, x, y = b.build(b.CASES[{case_name!r}], {masked})
+b.step(model, opt, x, y, {masked})
+import gc; gc.collect()
+with open('/proc/self/status') as f:
+    rss = [int(l.split()[1]) for l in f if l.startswith('VmRSS')][0]
+for _ in range({steps}):
+    b.step(model, opt, x, y, {masked})
+with open('/proc/self/status') as f:
+    peak = [int(l.split()[1]) for l in f if l.startswith('VmHWM')][0]
+print(json.dumps({{"rss_kb": rss, "peak_kb": peak}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return r["peak_kb"] / 1024, (r["peak_kb"] - r["rss_kb"]) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="batch 4 for DeiT-S, fewer rounds")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        CASES["deit_small (224px)"]["batch"] = 4
+    rounds, steps = (3, 2) if args.quick else (5, 3)
+    rows = []
+    for name, case in CASES.items():
+        t = time_case(case, rounds, steps)
+        (pk0, grow0), (pk1, grow1) = peak_memory(name, False, 2), peak_memory(name, True, 2)
+        rows.append((name, case["batch"], t[False] * 1e3, t[True] * 1e3, t[True] / t[False], pk0, pk1, pk1 / pk0,
+                     grow0, grow1))
+    head = ("model", "batch", "plain ms/step", "search ms/step", "time ratio", "plain peak MiB", "search peak MiB",
+            "peak ratio", "plain step growth MiB", "search step growth MiB")
+    body = [(r[0], str(r[1]), f"{r[2]:.1f}", f"{r[3]:.1f}", f"{r[4]:.3f}x", f"{r[5]:.0f}", f"{r[6]:.0f}",
+             f"{r[7]:.3f}x", f"{r[8]:.0f}", f"{r[9]:.0f}") for r in rows]
+    w = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    for row in [head, *body]:
+        print("  ".join(v.rjust(n) for v, n in zip(row, w)))
+    print(f"(CPU, {args.threads} threads; target: time ratio and peak ratio <= 1.10x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The app in a real browser (Python Playwright driving Debian's chromium); skipped without chromium."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("VITSLIM_NO_PROGRESS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+pytest.importorskip("gradio")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+from app.testing import CHROMIUM_ARGS, free_port, run_for_tests  # noqa: E402
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytest.skip("chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+T = 60_000  # ms: upper bound of every wait for the page (the machine may be busy)
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    from app.explorer import Explorer
+    from app.jobs import RetrainJob
+    from app.ui import build_app, launch_app
+    run = run_for_tests(tmp_path_factory.getbasetemp())
+    demo = build_app(explorer=Explorer([run], tmp_path_factory.mktemp("browser-workdir"), job=RetrainJob()))
+    port = free_port()
+    launch_app(demo, host="127.0.0.1", port=port, quiet=True, prevent_thread_lock=True)
+    demo.explorer.warm_up()
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser, app_url):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = ctx.new_page()
+    pg.set_default_timeout(T)
+    external: list[str] = []
+
+    def offline(route):  # the app must not need the internet
+        url = route.request.url
+        if url.startswith(("http://127.0.0.1", "ws://127.0.0.1", "data:", "blob:")):
+            route.continue_()
+        else:
+            external.append(url)
+            route.abort()
+    pg.route("**/*", offline)
+    pg.external_requests = external
+    yield pg
+    ctx.close()
+
+
+def open_app(page, url: str) -> None:
+    page.goto(url)
+    page.wait_for_selector("#vs-flops .vs-v")
+    # wait for the end of the load chain (samples, prediction, plots) so later events do not race it
+    page.wait_for_function("() => document.querySelector('#vs-ready')?.textContent.includes('ready')", timeout=T)
+
+
+def flops_text(page) -> str:
+    return page.inner_text("#vs-flops")
+
+
+def set_flops(page, value: float) -> None:
+    box = page.locator("#vs-flops-slider input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def test_page_loads_offline(page, app_url):
+    open_app(page, app_url)
+    assert "ViT-Slim explorer" in page.title() or page.locator("#vs-header").count() == 1
+    assert "% of" in flops_text(page)
+    assert page.locator("#vs-attn-map img").count() == 1
+    for name in ("Attention", "MLP", "Tokens", "Image", "Layers", "Scores", "History", "Accuracy", "Retrain",
+                 "Export"):
+        assert page.get_by_role("tab", name=name, exact=True).count() == 1
+
+
+def test_flops_slider_updates_readout_and_token_grid(page, app_url):
+    open_app(page, app_url)
+    open_tab(page, "Tokens")
+    grid = page.locator("#vs-token-grid img")
+    grid.wait_for()
+    before_text, before_src = flops_text(page), grid.get_attribute("src")
+    # drag with the keyboard on the range input, like a user nudging the slider
+    rng = page.locator("#vs-flops-slider input[type=range]")
+    rng.focus()
+    for _ in range(20):
+        rng.press("ArrowLeft")
+    page.wait_for_function("(t) => document.querySelector('#vs-flops').innerText !== t", arg=before_text)
+    page.wait_for_function("(s) => document.querySelector('#vs-token-grid img').getAttribute('src') !== s",
+                           arg=before_src)
+    assert re.search(r"4\d\.\d%", flops_text(page))  # 0.60 - 20 x 0.01 = 0.40
+    assert "flops=0.4" in page.url  # the budget is in the URL, so the state can be shared
+
+
+def test_url_state_is_restored(page, app_url):
+    page.goto(app_url + "?flops=0.35&view=tokens")
+    page.wait_for_selector("#vs-flops .vs-v")
+    page.wait_for_function("() => document.querySelector('#vs-flops').innerText.includes('35.')", timeout=T)
+    selected = page.locator("button[role=tab][aria-selected=true]")
+    assert selected.inner_text().strip() == "Tokens"
+    assert page.locator("#vs-flops-slider input[type=number]").input_value() == "0.35"
+    page.get_by_role("tab", name="Layers", exact=True).click()
+    page.wait_for_function("() => location.search.includes('view=layers')")
+
+
+def test_ratio_mode(page, app_url):
+    open_app(page, app_url)
+    page.get_by_label("per-dimension ratios").check()
+    page.locator("#vs-mlp-slider").wait_for(state="visible")
+    before = page.inner_text("#vs-mlp")
+    box = page.locator("#vs-mlp-slider input[type=number]")
+    box.fill("0.3")
+    box.press("Enter")
+    page.wait_for_function("(t) => document.querySelector('#vs-mlp').innerText !== t", arg=before)
+    assert "30% kept" in page.inner_text("#vs-mlp")
+    page.wait_for_function("() => location.search.includes('mode=ratios')")
+
+
+def test_uploaded_image_shows_the_overlay(page, app_url, tmp_path):
+    from PIL import Image
+    open_app(page, app_url)
+    open_tab(page, "Image")
+    overlay = page.locator("#vs-overlay img")
+    overlay.wait_for()
+    before = overlay.get_attribute("src")
+    src = tmp_path / "drawing.png"
+    rgba = np.zeros((120, 90, 4), np.uint8)
+    rgba[30:90, 40:50] = (0, 0, 0, 255)  # a "1" drawn on a transparent canvas
+    Image.fromarray(rgba, "RGBA").save(src)
+    page.set_input_files("#vs-img-upload input[type=file]", str(src))
+    page.wait_for_function("() => document.querySelector('#vs-img-msg').innerText.includes('Using')")
+    page.wait_for_function("(s) => document.querySelector('#vs-overlay img').getAttribute('src') !== s", arg=before)
+    page.wait_for_function("() => document.querySelector('#vs-pred-md').innerText.includes('your image')")
+
+
+def test_bad_inputs_show_messages_and_the_app_keeps_working(page, app_url, tmp_path):
+    open_app(page, app_url)
+    # a corrupt score file
+    bad = tmp_path / "scores.safetensors"
+    bad.write_bytes(b"definitely not safetensors")
+    page.get_by_text("open your own score file").click()
+    page.set_input_files("#vs-run-upload input[type=file]", str(bad))
+    page.wait_for_function("() => document.querySelector('#vs-run-msg').innerText.includes('Upload rejected')")
+    # a text file posing as an image
+    open_tab(page, "Image")
+    fake = tmp_path / "photo.png"
+    fake.write_text("this is text")
+    page.set_input_files("#vs-img-upload input[type=file]", str(fake))
+    page.wait_for_selector("text=/error|rejected|cannot|identify/i")
+    # still alive: the budget slider still drives the readout
+    before = flops_text(page)
+    set_flops(page, 0.45)
+    page.wait_for_function("(t) => document.querySelector('#vs-flops').innerText !== t", arg=before)
+    # an impossible budget is explained in the page
+    set_flops(page, 0.01)
+    page.wait_for_selector("#vs-budget-error, #vs-budget-note")
+
+
+def _start_job(page, epochs: int, max_steps: int) -> None:
+    open_tab(page, "Retrain")
+    page.locator("#vs-epochs input").fill(str(epochs))
+    page.get_by_text("advanced", exact=True).click()
+    page.locator("#vs-max-steps input").fill(str(max_steps))
+    page.locator("#vs-start-btn").click()
+
+
+def test_retrain_runs_shows_progress_and_offers_the_download(page, app_url):
+    open_app(page, app_url)
+    _start_job(page, epochs=1, max_steps=3)
+    page.wait_for_function(
+        "() => /running|starting|packaging|finished/.test(document.querySelector('#vs-job-md').innerText)")
+    page.wait_for_function("() => document.querySelector('#vs-job-md').innerText.includes('finished')",
+                           timeout=240_000)
+    link = page.locator("#vs-job-files a", has_text=re.compile(r"\.zip"))
+    link.first.wait_for()
+    assert page.locator("#vs-job-plot img, #vs-job-plot svg, #vs-job-plot canvas").count() >= 1
+
+
+def test_stop_cancels_a_running_job(page, app_url):
+    open_app(page, app_url)
+    _start_job(page, epochs=50, max_steps=0)
+    page.wait_for_function("() => /step [1-9]/.test(document.querySelector('#vs-job-md').innerText)",
+                           timeout=120_000)
+    page.locator("#vs-stop-btn").click()
+    page.wait_for_function("() => document.querySelector('#vs-stop-md').innerText.includes('Stopping')")
+    page.wait_for_function("() => document.querySelector('#vs-job-md').innerText.includes('stopped early')",
+                           timeout=240_000)
+    txt = page.inner_text("#vs-job-md")
+    step = int(re.search(r"after (\d+) steps", txt).group(1))
+    assert step < 50 * 22  # far from the end of 50 epochs
