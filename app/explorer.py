@@ -29,6 +29,10 @@ from .jobs import JOB, JobBusyError, JobStatus, RetrainJob, RetrainRequest
 from .runs import MissingWeightsError, OpenRun, RunRegistry, Sample, read_sweep, sweep_file
 
 MODES = [("FLOPs budget", "flops"), ("per-dimension ratios", "ratios")]
+# the outputs of budget_views, and which of them each tab shows
+LIVE_OUTPUTS = ("readout", "attention", "mlp", "tokens", "scores", "bars", "table", "overlay", "strip")
+VIEW_OUTPUTS = {"attention": {"attention"}, "mlp": {"mlp"}, "tokens": {"tokens"}, "image": {"overlay", "strip"},
+                "layers": {"bars", "table"}, "scores": {"scores"}}
 VIEWS = ("attention", "mlp", "tokens", "image", "layers", "scores", "history", "accuracy", "retrain", "export")
 DEFAULT_FLOPS = 0.6
 TABLE_HEADERS = ["layer", "heads", "dims per head", "attention dims", "MLP units", "tokens", "MFLOPs",
@@ -134,16 +138,23 @@ def readout_html(plan: SlimPlan, note: str = "") -> str:
     return f'<div class="vs-readout">{"".join(cards)}</div>{extra}'
 
 
-def layer_table(plan: SlimPlan):
-    """The per-layer architecture of a plan as a DataFrame (for ``gr.Dataframe``)."""
-    import pandas as pd
+def layer_rows(plan: SlimPlan) -> list[list[Any]]:
+    """The per-layer architecture of a plan, one row per block (columns: ``TABLE_HEADERS``)."""
     s = plan.spec
-    rows = []
-    for r in plan.layers():
-        rows.append([r["layer"], f"{r['heads']}/{s.num_heads}", " ".join(str(x) for x in r["dims_per_head"]),
-                     f"{r['attn_dims']}/{s.attn_dim}", f"{r['mlp']}/{s.mlp_hidden}", f"{r['tokens']}/{s.num_patches}",
-                     round(r["macs"] / 1e6, 3), round(100 * r["macs_ratio"], 1)])
-    return pd.DataFrame(rows, columns=TABLE_HEADERS)
+    return [[r["layer"], f"{r['heads']}/{s.num_heads}", " ".join(str(x) for x in r["dims_per_head"]),
+             f"{r['attn_dims']}/{s.attn_dim}", f"{r['mlp']}/{s.mlp_hidden}", f"{r['tokens']}/{s.num_patches}",
+             round(r["macs"] / 1e6, 3), round(100 * r["macs_ratio"], 1)] for r in plan.layers()]
+
+
+def layer_table(plan: SlimPlan) -> str:
+    """The per-layer architecture as an HTML table (a DataFrame costs ~50 ms per slider move to send)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in TABLE_HEADERS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
+                   for row in layer_rows(plan))
+    c = plan.cost
+    foot = (f'<tr class="vs-total"><td colspan="6">total (with patch embedding and head)</td>'
+            f"<td>{c.macs / 1e6:.3f}</td><td>{100 * c.flops_ratio:.1f}</td></tr>")
+    return f'<table class="vs-table"><thead><tr>{head}</tr></thead><tbody>{body}{foot}</tbody></table>'
 
 
 def run_summary(run: OpenRun) -> str:
@@ -270,35 +281,68 @@ class Explorer:
         return {"name": sample.name, "tensor": sample.tensor, "label": sample.label}
 
     # ------------------------------------------------------------------ the live view
-    def scores_views(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
-                     sort: bool = False) -> tuple:
-        """The views of a budget that need only the scores (no image, no weights).
+    def budget_views(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
+                     layer: float, sort: bool, image: dict | None, view: str = "all") -> tuple:
+        """Everything that follows the budget slider, recomputed on every move.
+
+        Args:
+            run_key, mode, flops, attn, mlp, token: the run and the budget controls.
+            layer: block shown in the image overlay.
+            sort: sort units by score in the attention and MLP maps.
+            image: the session's image state (None: the run's first sample).
+            view: the tab on screen; only its views are drawn (the others are drawn when their tab is
+                selected), "all" draws everything.
 
         Returns:
-            (readout html, attention map, MLP map, token grids, score histograms, layer bars, layer table);
-            on a bad budget the readout shows the message and the rest is left as it was.
+            (readout html, attention map, MLP map, token grids, score histograms, layer bars, layer table,
+            image overlay, image strip); views not drawn are ``gr.skip()``. On a bad budget the readout
+            shows the message and everything else is left as it was.
         """
+        skip = gr.skip()
+        want = set(LIVE_OUTPUTS) if view == "all" else VIEW_OUTPUTS.get(view, set())
         try:
             run = self.run(run_key)
             res = self.plan(run, Budget.of(mode, flops, attn, mlp, token))
         except VitSlimError as e:
-            return (_error_html(_one_line(e)),) + (gr.skip(),) * 6
-        plan = res.plan
-        return (readout_html(plan, res.note), viz.attention_map(run.scores, plan, sort=bool(sort)),
-                viz.mlp_map(run.scores, plan, sort=bool(sort)), viz.token_grids(run.scores, plan),
-                viz.score_histograms(run.scores, plan), viz.layer_bars(plan), layer_table(plan))
+            return (_error_html(_one_line(e)),) + (skip,) * 8
+        plan, sc = res.plan, run.scores
+        draw = {"attention": lambda: viz.attention_map(sc, plan, sort=bool(sort)),
+                "mlp": lambda: viz.mlp_map(sc, plan, sort=bool(sort)),
+                "tokens": lambda: viz.token_grids(sc, plan),
+                "scores": lambda: viz.score_histograms(sc, plan),
+                "bars": lambda: viz.layer_bars(plan),
+                "table": lambda: layer_table(plan)}
+        out = [readout_html(plan, res.note)] + [draw[k]() if k in want else skip for k in LIVE_OUTPUTS[1:7]]
+        overlay = strip = skip
+        if want & {"overlay", "strip"}:
+            img = self.image_for(run, image)
+            if img is not None:
+                overlay = viz.token_overlay(img["tensor"], plan, int(layer or 0), run.data_cfg)
+                strip = viz.token_strip(img["tensor"], plan, run.data_cfg)
+        return tuple(out) + (overlay, strip)
 
-    def budget_views(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
-                     layer: float, sort: bool, image: dict | None) -> tuple:
-        """Everything that follows the budget slider, recomputed on every move.
+    def show_view(self, view: str, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
+                  layer: float, sort: bool, image: dict | None) -> tuple:
+        """A tab was selected: remember it and draw its views. Returns (view,) + ``budget_views``."""
+        return (view,) + self.budget_views(run_key, mode, flops, attn, mlp, token, layer, sort, image, view)
+
+    def heavy_views(self, view: str, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
+                    image: dict | None, evals: list[dict] | None) -> tuple:
+        """What is too slow for every slider move (drawn on release, only for the tab on screen).
 
         Returns:
-            ``scores_views`` outputs + (image overlay, image strip).
+            (prediction label, prediction caption, accuracy figure, score histogram figure), ``gr.skip()``
+            for those not on screen.
         """
-        views = self.scores_views(run_key, mode, flops, attn, mlp, token, sort)
-        if not isinstance(views[1], np.ndarray):  # a bad budget: leave the image as it is
-            return views + (gr.skip(), gr.skip())
-        return views + self.overlay_views(run_key, mode, flops, attn, mlp, token, layer, image)
+        skip = gr.skip()
+        pred = pred_md = acc = hist = skip
+        if view == "image":
+            pred, pred_md = self.predict(run_key, mode, flops, attn, mlp, token, image)
+        elif view == "accuracy":
+            acc = self.accuracy_figure(run_key, mode, flops, attn, mlp, token, evals)
+        elif view == "scores":
+            hist = self.score_figure(run_key, mode, flops, attn, mlp, token)
+        return pred, pred_md, acc, hist
 
     def overlay_views(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
                       layer: float, image: dict | None) -> tuple:
@@ -677,10 +721,8 @@ class Explorer:
             return "No retraining job has run in this app yet."
         head = f"Job {st.job_id} ({html.escape(st.run_label)}, {html.escape(st.budget)}): "
         if st.active:
-            pct = 100 * st.fraction
             loss = f", loss {st.log[-1]['loss']:.3f}" if st.log else ""
-            bar = f'<div class="vs-progress" id="vs-job-progress"><div style="width:{pct:.0f}%"></div></div>'
-            return f"{bar}\n\n{head}**{st.state}**, step {st.step}/{st.total_steps or '?'}{loss}. {html.escape(st.note)}"
+            return f"{head}**{st.state}**, step {st.step}/{st.total_steps or '?'}{loss}. {html.escape(st.note)}"
         if st.state == "failed":
             return f"{head}**failed**: {html.escape(st.error)}"
         acc = f"top-1 **{st.top1:.2f}%**" if st.top1 is not None else "accuracy not measured"
@@ -733,12 +775,17 @@ class Explorer:
         return out
 
     def on_load(self, request: gr.Request) -> tuple:
-        """Apply the URL's state to the controls when a page opens."""
+        """Apply the URL's state to the controls when a page opens.
+
+        Returns:
+            updates of (run, mode, flops, attn, mlp, token, layer, tabs) and the view on screen.
+        """
         q = dict(getattr(request, "query_params", {}) or {}) if request is not None else {}
         st = self.url_state(q)
         upd = lambda k: gr.update(value=st[k]) if k in st else gr.skip()  # noqa: E731
         tabs = gr.Tabs(selected=st["view"]) if "view" in st else gr.skip()
-        return (upd("run"), upd("mode"), upd("flops"), upd("attn"), upd("mlp"), upd("token"), upd("layer"), tabs)
+        return (upd("run"), upd("mode"), upd("flops"), upd("attn"), upd("mlp"), upd("token"), upd("layer"), tabs,
+                st.get("view", "attention"))
 
     # ------------------------------------------------------------------ API endpoints
     def api_set_budget(self, flops: float) -> dict:

@@ -6,6 +6,9 @@ access with the bundled demo, for ``gradio app/ui.py`` and notebooks.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,15 +37,18 @@ CSS = """
           font-size: 0.85rem;}
 .vs-error {padding: 8px 10px; border-left: 3px solid #d7301f; background: rgba(215, 48, 31, 0.08);
            color: #a3261a; font-size: 0.9rem;}
-.vs-progress {height: 10px; border-radius: 5px; overflow: hidden; background: var(--background-fill-secondary);
               border: 1px solid var(--border-color-primary);}
-.vs-progress > div {height: 100%; background: #2166ac;}
 .vs-legend {display: flex; gap: 16px; flex-wrap: wrap; font-size: 0.82rem; color: var(--body-text-color-subdued);}
 .vs-legend span.sw {display: inline-block; width: 12px; height: 12px; border-radius: 2px; margin-right: 5px;
                     vertical-align: -2px;}
 .vs-pixel img {image-rendering: pixelated;}
 #vs-side {position: sticky; top: 8px; align-self: flex-start;}
 #vs-ready {display: none;}
+.vs-table {border-collapse: collapse; width: 100%; font-size: 0.85rem; font-variant-numeric: tabular-nums;}
+.vs-table th, .vs-table td {padding: 4px 8px; border-bottom: 1px solid var(--border-color-primary); text-align: right;}
+.vs-table th {font-weight: 600; background: var(--background-fill-secondary);}
+.vs-table td:nth-child(3) {text-align: left; font-family: var(--font-mono); font-size: 0.8rem;}
+.vs-table tr.vs-total td {font-weight: 600;}
 """
 
 # system fonts only: the app must work offline (the stock themes fetch Google fonts)
@@ -83,12 +89,39 @@ def _url_view_js(view: str) -> str:
             "window.history.replaceState(window.history.state, '', u.toString()); return []; }")
 
 
+class LiveImage(gr.Image):
+    """``gr.Image`` for views redrawn on every slider move: numpy frames become PNGs at compression
+    level 1, three to five times faster to encode than PIL's default level 6 on these maps (the files
+    are about 10% larger). Rendered by Gradio's own image component."""
+
+    def get_block_name(self) -> str:
+        return "image"
+
+    def postprocess(self, value: Any) -> Any:
+        if not isinstance(value, np.ndarray):
+            return super().postprocess(value)
+        from PIL import Image
+
+        from gradio.data_classes import ImageData
+        buf = io.BytesIO()
+        Image.fromarray(value).save(buf, format="png", compress_level=1)
+        data = buf.getvalue()
+        folder = Path(self.GRADIO_CACHE) / hashlib.sha256(data).hexdigest()[:40]
+        path = folder / "view.png"
+        if not path.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".view.{os.getpid()}.{id(buf)}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return ImageData(path=str(path), orig_name="view.png")
+
+
 def _explain(text: str) -> gr.Markdown:
     return gr.Markdown(text, elem_classes=["vs-explain"])
 
 
 def _live_image(elem_id: str, label: str, value: Any = None) -> gr.Image:
-    return gr.Image(value if isinstance(value, np.ndarray) else None, label=label, show_label=False,
+    return LiveImage(value if isinstance(value, np.ndarray) else None, label=label, show_label=False,
                     interactive=False, format="png", elem_id=elem_id, elem_classes=["vs-pixel"],
                     buttons=["download", "fullscreen"])
 
@@ -104,7 +137,7 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
     """
     ex = explorer or Explorer(runs, workdir)
     first = ex.registry.default_key()
-    init = ex.scores_views(first, "flops", DEFAULT_FLOPS, 1.0, 1.0, 1.0, False)
+    init = ex.budget_views(first, "flops", DEFAULT_FLOPS, 1.0, 1.0, 1.0, 0, False, None, "attention")
     try:
         first_run = ex.run(first)
         depth, card, summary = first_run.spec.depth, run_info_markdown(first_run), run_summary(first_run)
@@ -113,8 +146,9 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
 
     with gr.Blocks(title="ViT-Slim explorer", analytics_enabled=False) as demo:
         demo.explorer = ex  # tests and launch_app find the callbacks object here
-        image_state = gr.State(None)
-        evals_state = gr.State([])
+        image_state = gr.State(None)  # {"name", "tensor", "label"} of the image in the Image tab
+        evals_state = gr.State([])    # accuracies measured in this session (points on the curve)
+        view_state = gr.State("attention")  # the tab on screen
         with gr.Row(elem_id="vs-header"):
             ready = gr.HTML("", elem_id="vs-ready")  # says "ready" when the page's load chain is done
             gr.HTML("<h1>ViT-Slim explorer</h1><p>ViT-Slim learns a score for every attention dimension, MLP unit "
@@ -198,8 +232,7 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
                         _explain("The slim architecture: what each block keeps, and its share of the block's dense "
                                  "FLOPs. Heads may keep different numbers of dims (ragged heads).")
                         bars_img = _live_image("vs-layer-bars", "per-layer widths", init[5])
-                        table = gr.Dataframe(init[6] if isinstance(init[1], np.ndarray) else None,
-                                             interactive=False, elem_id="vs-layer-table", wrap=True)
+                        table = gr.HTML(init[6] if isinstance(init[6], str) else "", elem_id="vs-layer-table")
                     with gr.Tab("Scores", id="scores") as tab_scores:
                         _explain("How the learned scores are distributed. The budget is one global threshold per "
                                  "dimension (red): units above it stay. Tokens are ranked by their largest mask "
@@ -260,49 +293,51 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
             api_btn = gr.Button("overlay")
 
         # ------------------------------------------------------------------ wiring
+        # Only the tab on screen is redrawn while a slider moves (view_state); selecting a tab draws it.
         private: dict[str, Any] = {"api_visibility": "private"}
+        quiet = dict(show_progress="hidden", **private)
         budget_in = [run_dd, mode, flops, attn, mlp, token]
         live_out = [readout, attn_img, mlp_img, tok_img, hist_img, bars_img, table, overlay_img, strip_img]
-        live_in = budget_in + [layer, sort, image_state]
+        live_in = budget_in + [layer, sort, image_state, view_state]
+        heavy_in = [view_state] + budget_in + [image_state, evals_state]
+        heavy_out = [pred, pred_md, acc_plot, hist_plot]
+        # live views skip the queue: they take milliseconds, and the queue's round trips would dominate
+        live = dict(trigger_mode="always_last", queue=False, **quiet)
         for ctl in (flops, attn, mlp, token):
-            ctl.change(ex.budget_views, live_in, live_out, show_progress="hidden", trigger_mode="always_last",
-                       **private)
+            ctl.change(ex.budget_views, live_in, live_out, **live)
             ctl.change(None, [mode, flops, attn, mlp, token], None, js=URL_BUDGET_JS, **private)
-            ctl.release(ex.predict, budget_in + [image_state], [pred, pred_md], show_progress="hidden",
-                        trigger_mode="always_last", **private)
-            ctl.release(ex.accuracy_figure, budget_in + [evals_state], acc_plot, show_progress="hidden",
-                        trigger_mode="always_last", **private)
-            ctl.release(ex.score_figure, budget_in, hist_plot, show_progress="hidden", trigger_mode="always_last",
-                        **private)
-        sort.change(ex.budget_views, live_in, live_out, show_progress="hidden", **private)
-        mode.change(mode_visibility, mode, [flops_group, ratio_group], show_progress="hidden", **private).then(
-            ex.budget_views, live_in, live_out, show_progress="hidden", **private).then(
-            ex.accuracy_figure, budget_in + [evals_state], acc_plot, show_progress="hidden", **private)
+            ctl.release(ex.heavy_views, heavy_in, heavy_out, trigger_mode="always_last", **quiet)
+        sort.change(ex.budget_views, live_in, live_out, **live)
+        mode.change(mode_visibility, mode, [flops_group, ratio_group], **quiet).then(
+            ex.budget_views, live_in, live_out, **quiet).then(ex.heavy_views, heavy_in, heavy_out, **quiet)
         mode.change(None, [mode, flops, attn, mlp, token], None, js=URL_BUDGET_JS, **private)
         overlay_in = budget_in + [layer, image_state]
-        layer.change(ex.overlay_views, overlay_in, [overlay_img, strip_img], show_progress="hidden",
-                     trigger_mode="always_last", **private)
+        layer.change(ex.overlay_views, overlay_in, [overlay_img, strip_img], **live)
         layer.change(None, layer, None, js=URL_LAYER_JS, **private)
+        for tab, view in ((tab_attention, "attention"), (tab_mlp, "mlp"), (tab_tokens, "tokens"),
+                          (tab_image, "image"), (tab_layers, "layers"), (tab_scores, "scores"),
+                          (tab_history, "history"), (tab_accuracy, "accuracy"), (tab_retrain, "retrain"),
+                          (tab_export, "export")):
+            tab.select(functools.partial(ex.show_view, view), live_in[:-1], [view_state] + live_out, **quiet).then(
+                ex.heavy_views, heavy_in, heavy_out, **quiet)
+            tab.select(None, None, None, js=_url_view_js(view), **private)
 
         # runs
         open_out = [model_md, history_plot, gallery, image_state, layer, run_msg]
         run_dd.change(ex.open_run, [run_dd, image_state, layer], open_out, **private).then(
-            ex.budget_views, live_in, live_out, show_progress="hidden", **private).then(
-            ex.predict, budget_in + [image_state], [pred, pred_md], show_progress="hidden", **private).then(
-            ex.accuracy_figure, budget_in + [evals_state], acc_plot, show_progress="hidden", **private).then(
-            ex.accuracy_note, run_dd, acc_note, show_progress="hidden", **private).then(
-            ex.score_figure, budget_in, hist_plot, show_progress="hidden", **private)
+            ex.budget_views, live_in, live_out, **quiet).then(
+            ex.heavy_views, heavy_in, heavy_out, **quiet).then(
+            ex.accuracy_note, run_dd, acc_note, **quiet)
         run_dd.change(None, run_dd, None, js=URL_RUN_JS, **private)
         run_files.upload(ex.upload_run, run_files, [run_dd, run_msg], **private)
 
         # images
-        after_image = dict(show_progress="hidden", **private)
         gallery.select(ex.on_gallery_select, run_dd, image_state, **private).then(
-            ex.overlay_views, overlay_in, [overlay_img, strip_img], **after_image).then(
-            ex.predict, budget_in + [image_state], [pred, pred_md], **after_image)
+            ex.overlay_views, overlay_in, [overlay_img, strip_img], **quiet).then(
+            ex.predict, budget_in + [image_state], [pred, pred_md], **quiet)
         img_in.upload(ex.upload_image, [run_dd, img_in, image_state], [image_state, img_msg], **private).then(
-            ex.overlay_views, overlay_in, [overlay_img, strip_img], **after_image).then(
-            ex.predict, budget_in + [image_state], [pred, pred_md], **after_image)
+            ex.overlay_views, overlay_in, [overlay_img, strip_img], **quiet).then(
+            ex.predict, budget_in + [image_state], [pred, pred_md], **quiet)
 
         # measurements, accuracy, retraining, export
         speed_btn.click(ex.measure_speed, budget_in, speed_md, **private)
@@ -313,24 +348,17 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
         start_btn.click(ex.start_retrain, budget_in + [epochs, lr, distill, max_steps],
                         [job_md, job_plot, job_files, acc_plot], show_progress_on=[job_bar], **private)
         stop_btn.click(ex.stop_retrain, None, stop_md, **private)
-        timer.tick(ex.job_status, None, job_line, show_progress="hidden", **private)
+        timer.tick(ex.job_status, None, job_line, **quiet)
         plan_btn.click(ex.export_plan, budget_in, [plan_file, export_md], **private)
         slim_btn.click(ex.export_slim, budget_in, [slim_file, export_md], show_progress_on=[export_md], **private)
 
-        # URL: read on load, write the selected view
-        for tab, view in ((tab_attention, "attention"), (tab_mlp, "mlp"), (tab_tokens, "tokens"),
-                          (tab_image, "image"), (tab_layers, "layers"), (tab_scores, "scores"),
-                          (tab_history, "history"), (tab_accuracy, "accuracy"), (tab_retrain, "retrain"),
-                          (tab_export, "export")):
-            tab.select(None, None, None, js=_url_view_js(view), **private)
-        demo.load(ex.on_load, None, [run_dd, mode, flops, attn, mlp, token, layer, tabs], **private).then(
-            ex.open_run, [run_dd, image_state, layer], open_out, show_progress="hidden", **private).then(
-            ex.overlay_views, overlay_in, [overlay_img, strip_img], **after_image).then(
-            ex.predict, budget_in + [image_state], [pred, pred_md], **after_image).then(
-            ex.accuracy_figure, budget_in + [evals_state], acc_plot, **after_image).then(
-            ex.accuracy_note, run_dd, acc_note, **after_image).then(
-            ex.score_figure, budget_in, hist_plot, **after_image).then(
-            page_ready, None, ready, **after_image)
+        # the page URL carries budget and view (written by the js snippets above, read here)
+        demo.load(ex.on_load, None, [run_dd, mode, flops, attn, mlp, token, layer, tabs, view_state], **private).then(
+            ex.open_run, [run_dd, image_state, layer], open_out, **quiet).then(
+            ex.budget_views, live_in, live_out, **quiet).then(
+            ex.heavy_views, heavy_in, heavy_out, **quiet).then(
+            ex.accuracy_note, run_dd, acc_note, **quiet).then(
+            page_ready, None, ready, **quiet)
 
         # named API endpoints (stable: used by gradio_client users)
         gr.api(ex.api_set_budget, api_name="set_budget")

@@ -13,7 +13,7 @@ import torch
 
 from vitslim_core import ArchSpec, MaskScores, arch_spec
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread is faster than two that wait for each other
 
 # (timm name, kwargs) of small but structurally different supported ViTs (random weights, no download)
 SMALL_VITS = {

@@ -18,12 +18,17 @@ import pytest  # noqa: E402
 
 gr = pytest.importorskip("gradio")
 
-from app.explorer import Budget, Explorer, layer_table, readout_html  # noqa: E402
+from app.explorer import Budget, Explorer, layer_rows, layer_table, readout_html  # noqa: E402
 from app.jobs import RetrainJob  # noqa: E402
 from app.testing import run_for_tests, wait_until  # noqa: E402
 from vitslim_core import BudgetError, ScoreFileError, SlimPlan  # noqa: E402
 
 SKIP = gr.skip()
+
+
+def skipped(v) -> bool:
+    """True for ``gr.skip()`` (the output is left as it was)."""
+    return isinstance(v, dict) and v == SKIP
 
 
 @pytest.fixture(scope="session")
@@ -64,12 +69,33 @@ def test_budget_views_return_readouts_maps_and_table(ex, key):
     for img in imgs + [overlay, strip]:
         assert isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.shape[2] == 3
     run = ex.run(key)
-    assert list(table["layer"]) == list(range(run.spec.depth))
+    assert table.count("<tr>") == run.spec.depth + 1 and "<th>MLP units</th>" in table
+
+
+@pytest.mark.parametrize("view,drawn", [("attention", {1}), ("mlp", {2}), ("tokens", {3}), ("scores", {4}),
+                                        ("layers", {5, 6}), ("image", {7, 8}), ("history", set()),
+                                        ("accuracy", set())])
+def test_only_the_tab_on_screen_is_redrawn(ex, key, view, drawn):
+    out = ex.budget_views(*budget(key, 0.5), 0, False, None, view)
+    assert "vs-flops" in out[0]  # the readout is always visible
+    assert {i for i, o in enumerate(out) if i and not skipped(o)} == drawn
+    shown = ex.show_view(view, *budget(key, 0.5), 0, False, None)
+    assert shown[0] == view and len(shown) == 10
+
+
+def test_heavy_views_only_for_their_tab(ex, key):
+    pred, md, acc, hist = ex.heavy_views("image", *budget(key, 0.5), None, [])
+    assert isinstance(pred, dict) and not skipped(pred) and skipped(acc) and skipped(hist)
+    pred, md, acc, hist = ex.heavy_views("accuracy", *budget(key, 0.5), None, [])
+    assert skipped(pred) and not skipped(acc) and skipped(hist)
+    pred, md, acc, hist = ex.heavy_views("scores", *budget(key, 0.5), None, [])
+    assert skipped(pred) and skipped(acc) and not skipped(hist)
+    assert all(skipped(v) for v in ex.heavy_views("attention", *budget(key, 0.5), None, []))
 
 
 def test_flops_readout_follows_the_budget(ex, key):
-    hi = ex.scores_views(*budget(key, 0.9))
-    lo = ex.scores_views(*budget(key, 0.4))
+    hi = ex.budget_views(*budget(key, 0.9), 0, False, None)
+    lo = ex.budget_views(*budget(key, 0.4), 0, False, None)
     assert hi[0] != lo[0]
     plan = ex.plan(ex.run(key), Budget.of("flops", 0.4)).plan
     assert f"{100 * plan.flops_ratio:.1f}%" in lo[0]
@@ -80,7 +106,7 @@ def test_ratio_mode_keeps_the_requested_fractions(ex, key):
     plan = ex.plan(ex.run(key), Budget.of("ratios", None, 0.5, 0.25, 1.0)).plan
     kept = plan.kept_fractions()
     assert abs(kept["attn"] - 0.5) < 0.02 and abs(kept["mlp"] - 0.25) < 0.02 and kept["token"] == 1.0
-    out = ex.scores_views(*budget(key, mode="ratios", attn=0.5, mlp=0.25))
+    out = ex.budget_views(*budget(key, mode="ratios", attn=0.5, mlp=0.25), 0, False, None)
     assert "vs-error" not in out[0]
 
 
@@ -89,10 +115,10 @@ def test_impossible_budget_shows_the_message_and_leaves_the_views(ex, key):
     too_small = removal_order(ex.run(key).scores).min_ratio / 2
     out = ex.budget_views(*budget(key, too_small), 0, False, None)
     assert "vs-error" in out[0] and "impossible budget" in out[0]
-    assert all(o == SKIP for o in out[1:])
+    assert all(skipped(o) for o in out[1:])
     with pytest.raises(BudgetError):
         ex.plan(ex.run(key), Budget.of("flops", too_small))
-    assert "vs-error" in ex.scores_views(*budget(key, 0.0))[0]  # outside (0, 1]
+    assert "vs-error" in ex.budget_views(*budget(key, 0.0), 0, False, None)[0]  # outside (0, 1]
 
 
 def test_approximated_budget_shows_the_achieved_ratio(ex, key, monkeypatch):
@@ -111,18 +137,19 @@ def test_budget_values_are_coerced():
 
 
 def test_sorting_changes_the_maps_not_the_readout(ex, key):
-    a = ex.scores_views(*budget(key, 0.5), False)
-    b = ex.scores_views(*budget(key, 0.5), True)
+    a = ex.budget_views(*budget(key, 0.5), 0, False, None)
+    b = ex.budget_views(*budget(key, 0.5), 0, True, None)
     assert a[0] == b[0]
     assert a[1].shape == b[1].shape
 
 
 def test_layer_table_matches_the_plan(ex, key):
     plan = ex.plan(ex.run(key), Budget.of("flops", 0.5)).plan
-    df = layer_table(plan)
-    rows = plan.layers()
-    assert [int(v.split("/")[0]) for v in df["MLP units"]] == [r["mlp"] for r in rows]
-    assert [int(v.split("/")[0]) for v in df["tokens"]] == [r["tokens"] for r in rows]
+    rows = layer_rows(plan)
+    layers = plan.layers()
+    assert [int(r[4].split("/")[0]) for r in rows] == [x["mlp"] for x in layers]
+    assert [int(r[5].split("/")[0]) for r in rows] == [x["tokens"] for x in layers]
+    assert f"<td>{rows[0][4]}</td>" in layer_table(plan)
 
 
 def test_overlay_follows_layer_and_budget(ex, key):
@@ -154,7 +181,7 @@ def test_unknown_runs_are_refused(ex, tmp_path):
         ex.run("/etc")
     out = ex.open_run("/etc", None, 0)
     assert "Cannot open this run" in out[-1]
-    assert "vs-error" in ex.scores_views("/etc", "flops", 0.5, 1, 1, 1)[0]
+    assert "vs-error" in ex.budget_views("/etc", "flops", 0.5, 1, 1, 1, 0, False, None)[0]
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +197,7 @@ def test_uploaded_scores_open_without_weights(ex, key, scores_only):
     assert scores_only != key and ex.registry.allowed(scores_only)
     run = ex.run(scores_only)
     assert not run.has_weights and run.label.startswith("uploaded")
-    out = ex.scores_views(*budget(scores_only, 0.5))
+    out = ex.budget_views(*budget(scores_only, 0.5), 0, False, None)
     assert "vs-error" not in out[0]
     card = ex.open_run(scores_only, None, 0)[0]
     assert "**no**" in card
@@ -227,7 +254,7 @@ def test_bad_score_uploads_are_rejected_with_a_message(ex, run_dir, tmp_path, ca
         save_file({"x": torch.zeros(2)}, str(f))
     with pytest.warns(UserWarning):
         dd, msg = ex.upload_run([str(f)])
-    assert dd == SKIP and msg.startswith("**Upload rejected:**")
+    assert skipped(dd) and msg.startswith("**Upload rejected:**")
     if case == "version":
         assert "version" in msg
 
@@ -273,7 +300,8 @@ def test_bad_images_keep_the_old_one(ex, key, tmp_path, case):
 
 
 def test_no_image_change_is_a_no_op(ex, key):
-    assert ex.upload_image(key, None, None) == (SKIP, "")
+    state, msg = ex.upload_image(key, None, None)
+    assert skipped(state) and msg == ""
 
 
 # ====================================================================== accuracy, latency, export
@@ -417,10 +445,11 @@ def test_url_state_reads_and_sanitises(ex, key):
 
 def test_on_load_turns_the_url_into_updates(ex):
     req = SimpleNamespace(query_params={"flops": "0.45", "view": "mlp", "mode": "flops"})
-    run, mode, flops, attn, mlp, token, layer, tabs = ex.on_load(req)
-    assert flops["value"] == 0.45 and mode["value"] == "flops" and attn == SKIP
-    assert tabs.selected == "mlp"
-    assert all(u == SKIP for u in ex.on_load(SimpleNamespace(query_params={}))[:7])
+    run, mode, flops, attn, mlp, token, layer, tabs, view = ex.on_load(req)
+    assert flops["value"] == 0.45 and mode["value"] == "flops" and skipped(attn)
+    assert tabs.selected == "mlp" and view == "mlp"
+    plain = ex.on_load(SimpleNamespace(query_params={}))
+    assert all(skipped(u) for u in plain[:8]) and plain[8] == "attention"
 
 
 def test_api_functions(ex, key, tmp_path):

@@ -200,8 +200,7 @@ def test_retrain_runs_shows_progress_and_offers_the_download(page, app_url):
         "() => /running|starting|packaging|finished/.test(document.querySelector('#vs-job-md').innerText)")
     page.wait_for_function("() => document.querySelector('#vs-job-md').innerText.includes('finished')",
                            timeout=240_000)
-    link = page.locator("#vs-job-files a", has_text=re.compile(r"\.zip"))
-    link.first.wait_for()
+    page.locator("#vs-job-files a[download$='.zip']").first.wait_for()
     assert page.locator("#vs-job-plot img, #vs-job-plot svg, #vs-job-plot canvas").count() >= 1
 
 

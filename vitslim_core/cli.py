@@ -166,8 +166,9 @@ def _add_budget_args(p: argparse.ArgumentParser, required: bool = False) -> None
     g.add_argument("--mlp", type=_ratio, help="fraction of MLP units to keep")
     g.add_argument("--token", type=_ratio, help="fraction of (layer, patch) token pairs to keep")
     g.add_argument("--mix", type=_mix, help="relative pruning speed attn,mlp,token for --flops (default 1,1,1)")
-    g.add_argument("--multiple", type=_positive_int, default=1,
-                   help="round kept dims per head and MLP width up to a multiple (default %(default)s)")
+    g.add_argument("--multiple", type=_positive_int,
+                   help="round kept dims per head and MLP width up to a multiple "
+                        "(default: 8 for heads of >= 32 dims, else 1)")
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
@@ -371,7 +372,7 @@ def add_sweep(sub) -> None:
     p.add_argument("--data", help="dataset (default: the run's)")
     p.add_argument("--out", help="folder for sweep.* (default: the run folder)")
     p.add_argument("--batch-size", type=_positive_int, default=128)
-    p.add_argument("--multiple", type=_positive_int, default=1)
+    p.add_argument("--multiple", type=_positive_int, help="width rounding (default: automatic)")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -416,7 +417,7 @@ def add_bench(sub) -> None:
     p.add_argument("target", help="search run folder, or a timm model name (random weights and scores)")
     p.add_argument("--flops", dest="flops_list", type=_budget_list, default=[0.7, 0.5],
                    help="comma-separated FLOPs budgets (default 0.7,0.5)")
-    p.add_argument("--multiple", type=_positive_int, default=1, help="round widths to a multiple")
+    p.add_argument("--multiple", type=_positive_int, help="round widths to a multiple (default: automatic)")
     p.add_argument("--img-size", type=int, help="for a timm name: input resolution")
     p.add_argument("--batch", type=_positive_int, default=32, help="batch size (default %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")

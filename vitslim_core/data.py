@@ -4,7 +4,8 @@ Every dataset yields ``(image, label)`` with ``image`` a normalised float32 (C, 
 Training augmentation never touches the global random generators: each sample draws its
 randomness from a generator seeded by ``(seed, epoch, index)``, so a resumed run sees exactly
 the images the interrupted one would have seen. Call ``set_epoch`` on a training set (or on the
-bundle) before each epoch.
+bundle) before each epoch, before the DataLoader iterator is made (workers copy the dataset when
+they start, so ``persistent_workers=True`` would keep them on their first epoch).
 """
 from __future__ import annotations
 

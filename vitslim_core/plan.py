@@ -407,8 +407,20 @@ def _check_ratio(r: float, what: str) -> None:
         raise BudgetError(f"{what} must be in (0, 1], got {r!r}")
 
 
-def removal_order(scores: MaskScores, mix: Sequence[float] | None = None, multiple: int = 1) -> RemovalOrder:
+def default_multiple(spec: ArchSpec) -> int:
+    """Width rounding used when none is given: 8 for ViT/DeiT-sized heads, 1 for tiny models.
+
+    Measured on DeiT-S (CPU, batch 32): odd widths such as 1070 run matmuls up to 40% slower than
+    1072, and rounding to 8 raised the speedup/FLOPs efficiency from ~0.75-0.83 to ~0.9-1.0. Tiny
+    heads (the digits demo has 16 dims per head) would lose too much resolution, so they stay at 1.
+    """
+    return 8 if spec.head_dim >= 32 and spec.head_dim % 8 == 0 and spec.mlp_hidden % 8 == 0 else 1
+
+
+def removal_order(scores: MaskScores, mix: Sequence[float] | None = None, multiple: int | None = None) -> RemovalOrder:
     """The (cached) removal order of a MaskScores; mix defaults to 1 for searched dimensions, 0 otherwise."""
+    if multiple is None:
+        multiple = default_multiple(scores.spec)
     if mix is None:
         searched = scores.searched()
         mix = tuple(1.0 if searched[k] else 0.0 for k in ("attn", "mlp", "token"))
@@ -427,14 +439,16 @@ def plan_for_ratios(scores: MaskScores, attn: float = 1.0, mlp: float = 1.0, tok
         attn: fraction of attention units kept (head-dims, heads or shared dims by mode).
         mlp: fraction of MLP hidden units kept.
         token: fraction of (layer, patch) pairs kept after making token masks monotone.
-        multiple: round kept widths per head/layer up to this multiple.
+        multiple: round kept widths per head/layer up to this multiple (default 1: exactly the fractions;
+            None: ``default_multiple``, faster kernels but slightly more kept).
     """
     order = removal_order(scores, (1.0, 1.0, 1.0), multiple)
+    multiple = order.q
     removed = order.ratios_to_removed(attn, mlp, token)
     return order.plan(removed, {"method": "ratios", "attn": attn, "mlp": mlp, "token": token, "multiple": multiple})
 
 
-def plan_for_flops(scores: MaskScores, ratio: float, mix: Sequence[float] | None = None, multiple: int = 1,
+def plan_for_flops(scores: MaskScores, ratio: float, mix: Sequence[float] | None = None, multiple: int | None = None,
                    tol: float = DEFAULT_TOL, strict: bool = False) -> SlimPlan:
     """The plan whose exact FLOPs are closest to ``ratio`` of the dense model's.
 
@@ -442,7 +456,7 @@ def plan_for_flops(scores: MaskScores, ratio: float, mix: Sequence[float] | None
         scores: searched scores.
         ratio: FLOPs budget as a fraction of dense FLOPs, in (0, 1].
         mix: relative pruning speeds of (attn, mlp, token); None: 1 for searched dimensions, 0 otherwise.
-        multiple: round kept widths per head/layer up to this multiple.
+        multiple: round kept widths per head/layer up to this multiple (None: ``default_multiple``).
         tol: accepted relative FLOPs error; outside it a BudgetWarning is issued (BudgetError if strict).
         strict: raise instead of warning when the budget can only be approximated.
 

@@ -35,7 +35,7 @@ class RetrainConfig(LoopConfig):
     attn: float | None = None
     mlp: float | None = None
     token: float | None = None
-    multiple: int = 1
+    multiple: int | None = None
     data: str | None = None
     distill: str = "soft"  # none | soft | hard
     distill_tau: float = 1.0

@@ -17,7 +17,7 @@ DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def sweep(run: str | Path, budgets: Sequence[float] = DEFAULT_BUDGETS, data: str | None = None,
-          batch_size: int = 128, device: str = "cpu", multiple: int = 1,
+          batch_size: int = 128, device: str = "cpu", multiple: int | None = None,
           progress: Callable[[int, int, dict], None] | None = None) -> list[dict[str, Any]]:
     """Evaluate the physically slimmed model of a run at each FLOPs budget (no retraining).
 

@@ -1,0 +1,404 @@
+"""The page: layout and event wiring only (every callback is a method of ``app.explorer.Explorer``).
+
+``build_app(runs=...)`` returns the ``gr.Blocks``; ``launch_app`` starts it with the app's settings
+(127.0.0.1, upload limit, allowed paths, theme and CSS). ``demo`` (module attribute) is built on first
+access with the bundled demo, for ``gradio app/ui.py`` and notebooks.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .explorer import DEFAULT_FLOPS, MODES, Explorer, run_info_markdown, run_summary  # noqa: E402
+
+MAX_UPLOAD = "600mb"
+
+CSS = """
+#vs-header h1 {margin: 0 0 4px 0; font-size: 1.55rem;}
+#vs-header p {margin: 0; color: var(--body-text-color-subdued);}
+.vs-explain, .vs-explain p {font-size: 0.9rem; color: var(--body-text-color-subdued);}
+.vs-readout {display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 8px;}
+.vs-card {border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 6px 10px;
+          background: var(--background-fill-secondary);}
+.vs-card.vs-main {border-color: #9ecae1; background: rgba(33, 102, 172, 0.08);}
+.vs-k {font-size: 0.72rem; text-transform: uppercase; letter-spacing: 0.04em; color: var(--body-text-color-subdued);}
+.vs-v {font-size: 1.3rem; font-weight: 650; font-variant-numeric: tabular-nums; line-height: 1.25;}
+.vs-s {font-size: 0.76rem; color: var(--body-text-color-subdued);}
+.vs-note {margin-top: 8px; padding: 6px 8px; border-left: 3px solid #e6a700; background: rgba(230, 167, 0, 0.1);
+          font-size: 0.85rem;}
+.vs-error {padding: 8px 10px; border-left: 3px solid #d7301f; background: rgba(215, 48, 31, 0.08);
+           color: #a3261a; font-size: 0.9rem;}
+              border: 1px solid var(--border-color-primary);}
+.vs-legend {display: flex; gap: 16px; flex-wrap: wrap; font-size: 0.82rem; color: var(--body-text-color-subdued);}
+.vs-legend span.sw {display: inline-block; width: 12px; height: 12px; border-radius: 2px; margin-right: 5px;
+                    vertical-align: -2px;}
+.vs-pixel img {image-rendering: pixelated;}
+#vs-side {position: sticky; top: 8px; align-self: flex-start;}
+#vs-ready {display: none;}
+.vs-table {border-collapse: collapse; width: 100%; font-size: 0.85rem; font-variant-numeric: tabular-nums;}
+.vs-table th, .vs-table td {padding: 4px 8px; border-bottom: 1px solid var(--border-color-primary); text-align: right;}
+.vs-table th {font-weight: 600; background: var(--background-fill-secondary);}
+.vs-table td:nth-child(3) {text-align: left; font-family: var(--font-mono); font-size: 0.8rem;}
+.vs-table tr.vs-total td {font-weight: 600;}
+"""
+
+# system fonts only: the app must work offline (the stock themes fetch Google fonts)
+THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "Helvetica", "Arial", "sans-serif"],
+                       font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"])
+
+LEGEND = (
+    '<div class="vs-legend">'
+    '<span><span class="sw" style="background:#08306b"></span><span class="sw" style="background:#4292c6"></span>'
+    '<span class="sw" style="background:#9ecae1"></span>kept (darker = larger |score|)</span>'
+    '<span><span class="sw" style="background:#c4c4c4"></span><span class="sw" style="background:#f2f2f2;'
+    'border:1px solid #ddd"></span>pruned</span></div>'
+)
+
+URL_BUDGET_JS = """(mode, flops, attn, mlp, token) => {
+  const u = new URL(window.location.href); const p = u.searchParams;
+  if (mode === 'ratios') { p.set('mode', 'ratios'); p.delete('flops');
+    p.set('attn', attn); p.set('mlp', mlp); p.set('token', token); }
+  else { p.delete('mode'); p.set('flops', flops); p.delete('attn'); p.delete('mlp'); p.delete('token'); }
+  window.history.replaceState(window.history.state, '', u.toString()); return [];
+}"""
+
+URL_LAYER_JS = """(layer) => {
+  const u = new URL(window.location.href); u.searchParams.set('layer', layer);
+  window.history.replaceState(window.history.state, '', u.toString()); return [];
+}"""
+
+URL_RUN_JS = """(run) => {
+  const u = new URL(window.location.href); const name = String(run || '').split(/[\\\\/]/).filter(Boolean).pop();
+  if (name) u.searchParams.set('run', name);
+  window.history.replaceState(window.history.state, '', u.toString()); return [];
+}"""
+
+
+def _url_view_js(view: str) -> str:
+    return ("() => { const u = new URL(window.location.href); "
+            f"u.searchParams.set('view', '{view}'); "
+            "window.history.replaceState(window.history.state, '', u.toString()); return []; }")
+
+from gradio.events import Dependency
+
+class LiveImage(gr.Image):
+    """``gr.Image`` for views redrawn on every slider move: numpy frames become PNGs at compression
+    level 1, three to five times faster to encode than PIL's default level 6 on these maps (the files
+    are about 10% larger). Rendered by Gradio's own image component."""
+
+    def get_block_name(self) -> str:
+        return "image"
+
+    def postprocess(self, value: Any) -> Any:
+        if not isinstance(value, np.ndarray):
+            return super().postprocess(value)
+        from PIL import Image
+
+        from gradio.data_classes import ImageData
+        buf = io.BytesIO()
+        Image.fromarray(value).save(buf, format="png", compress_level=1)
+        data = buf.getvalue()
+        folder = Path(self.GRADIO_CACHE) / hashlib.sha256(data).hexdigest()[:40]
+        path = folder / "view.png"
+        if not path.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".view.{os.getpid()}.{id(buf)}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return ImageData(path=str(path), orig_name="view.png")
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def _explain(text: str) -> gr.Markdown:
+    return gr.Markdown(text, elem_classes=["vs-explain"])
+
+
+def _live_image(elem_id: str, label: str, value: Any = None) -> gr.Image:
+    return LiveImage(value if isinstance(value, np.ndarray) else None, label=label, show_label=False,
+                    interactive=False, format="png", elem_id=elem_id, elem_classes=["vs-pixel"],
+                    buttons=["download", "fullscreen"])
+
+
+def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | None = None,
+              explorer: Explorer | None = None) -> gr.Blocks:
+    """The exploration app over ``runs`` (default: the bundled digits demo).
+
+    Args:
+        runs: search run folders (or their score files); the first one opens first.
+        workdir: folder for uploads, exports, sweeps and retraining output (default: a temp dir).
+        explorer: the callbacks object (made from ``runs``/``workdir`` if not given).
+    """
+    ex = explorer or Explorer(runs, workdir)
+    first = ex.registry.default_key()
+    init = ex.budget_views(first, "flops", DEFAULT_FLOPS, 1.0, 1.0, 1.0, 0, False, None, "attention")
+    try:
+        first_run = ex.run(first)
+        depth, card, summary = first_run.spec.depth, run_info_markdown(first_run), run_summary(first_run)
+    except Exception as e:  # noqa: BLE001 - a broken first run still gets a page that says so
+        depth, card, summary = 12, "", f"**Cannot open the run:** {e}"
+
+    with gr.Blocks(title="ViT-Slim explorer", analytics_enabled=False) as demo:
+        demo.explorer = ex  # tests and launch_app find the callbacks object here
+        image_state = gr.State(None)  # {"name", "tensor", "label"} of the image in the Image tab
+        evals_state = gr.State([])    # accuracies measured in this session (points on the curve)
+        view_state = gr.State("attention")  # the tab on screen
+        with gr.Row(elem_id="vs-header"):
+            ready = gr.HTML("", elem_id="vs-ready")  # says "ready" when the page's load chain is done
+            gr.HTML("<h1>ViT-Slim explorer</h1><p>ViT-Slim learns a score for every attention dimension, MLP unit "
+                    "and token of a vision transformer. Pick a budget and see which parts survive, what the slim "
+                    "model costs, how accurate it is, and retrain it.</p>")
+        with gr.Row(equal_height=False):
+            # ---------------------------------------------------------- left: run and budget
+            with gr.Column(scale=4, min_width=330, elem_id="vs-side"):
+                gr.Markdown("### 1 · Run")
+                run_dd = gr.Dropdown(choices=ex.registry.startup_choices(), value=first or None,
+                                     label="search run", elem_id="vs-run", interactive=True)
+                with gr.Accordion("open your own score file", open=False):
+                    _explain("Upload `scores.safetensors` from `vitslim search` (add its `model.safetensors` for "
+                             "accuracy, prediction and retraining, and `history.json` for the search curves).")
+                    run_files = gr.File(label="scores.safetensors (+ model.safetensors, history.json)",
+                                        file_count="multiple", file_types=[".safetensors", ".json"],
+                                        elem_id="vs-run-upload")
+                run_msg = gr.Markdown(summary, elem_id="vs-run-msg")
+                with gr.Accordion("model details", open=False):
+                    model_md = gr.Markdown(card, elem_id="vs-model")
+                gr.Markdown("### 2 · Budget")
+                mode = gr.Radio(MODES, value="flops", label="how to choose the budget", elem_id="vs-mode")
+                with gr.Group(visible=True) as flops_group:
+                    flops = gr.Slider(0.01, 1.0, value=DEFAULT_FLOPS, step=0.01, label="FLOPs budget (fraction of dense)",
+                                      info="The solver removes the least important units of all three dimensions "
+                                           "at the same pace until the cost fits.", elem_id="vs-flops-slider")
+                with gr.Group(visible=False) as ratio_group:
+                    attn = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="attention dims kept",
+                                     elem_id="vs-attn-slider")
+                    mlp = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="MLP units kept", elem_id="vs-mlp-slider")
+                    token = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="tokens kept (layer, patch pairs)",
+                                      elem_id="vs-token-slider")
+                readout = gr.HTML(init[0], elem_id="vs-readout")
+                with gr.Row():
+                    speed_btn = gr.Button("measure real latency", size="sm", elem_id="vs-speed-btn")
+                speed_md = gr.Markdown(elem_id="vs-speed")
+            # ---------------------------------------------------------- right: what survives
+            with gr.Column(scale=9):
+                with gr.Tabs(selected="attention", elem_id="vs-tabs", overflow_behavior="wrap") as tabs:
+                    with gr.Tab("Attention", id="attention") as tab_attention:
+                        _explain("Every block has heads × dims attention units; each head-dim has one score shared by "
+                                 "its query, key and value. A row is a head, a column a dim. All layers are ranked "
+                                 "together, so some layers lose far more than others.")
+                        gr.HTML(LEGEND)
+                        sort = gr.Checkbox(False, label="sort units by score (kept units form a bar)",
+                                           elem_id="vs-sort")
+                        attn_img = _live_image("vs-attn-map", "attention heads x dims", init[1])
+                    with gr.Tab("MLP", id="mlp") as tab_mlp:
+                        _explain("The hidden units of each block's MLP (wrapped into a block per layer). The bar "
+                                 "on the right is the width that survives.")
+                        gr.HTML(LEGEND)
+                        mlp_img = _live_image("vs-mlp-map", "MLP units", init[2])
+                    with gr.Tab("Tokens", id="tokens") as tab_tokens:
+                        _explain("The patch grid entering each block. Token masks are monotone: a patch dropped "
+                                 "before block l stays dropped, so later layers see fewer tokens and cost less.")
+                        gr.HTML(LEGEND)
+                        tok_img = _live_image("vs-token-grid", "token grids", init[3])
+                    with gr.Tab("Image", id="image") as tab_image:
+                        _explain("Which patches of a real image the slim model still looks at. Pick a sample or "
+                                 "drop your own image (any size, grayscale or RGBA; it is preprocessed like the "
+                                 "model's data).")
+                        with gr.Row(equal_height=False):
+                            with gr.Column(scale=4, min_width=260):
+                                gallery = gr.Gallery(label="samples", columns=5, height=170, allow_preview=False,
+                                                     elem_id="vs-gallery", format="png", object_fit="contain")
+                                img_in = gr.Image(type="filepath", image_mode=None, label="your image",
+                                                  sources=["upload", "clipboard"], height=170, elem_id="vs-img-upload")
+                                img_msg = gr.Markdown(elem_id="vs-img-msg")
+                            with gr.Column(scale=5, min_width=280):
+                                layer = gr.Slider(0, max(depth - 1, 1), value=0, step=1, label="tokens entering block",
+                                                  elem_id="vs-layer-slider")
+                                overlay_img = _live_image("vs-overlay", "token mask on the image")
+                            with gr.Column(scale=3, min_width=200):
+                                gr.Markdown("**slim model's prediction**")
+                                pred = gr.Label(num_top_classes=3, label="prediction", show_label=False,
+                                                elem_id="vs-pred")
+                                pred_md = gr.Markdown(elem_id="vs-pred-md")
+                        _explain("All blocks at once (dimmed patches are dropped before that block):")
+                        strip_img = _live_image("vs-strip", "token masks of all layers")
+                    with gr.Tab("Layers", id="layers") as tab_layers:
+                        _explain("The slim architecture: what each block keeps, and its share of the block's dense "
+                                 "FLOPs. Heads may keep different numbers of dims (ragged heads).")
+                        bars_img = _live_image("vs-layer-bars", "per-layer widths", init[5])
+                        table = gr.HTML(init[6] if isinstance(init[6], str) else "", elem_id="vs-layer-table")
+                    with gr.Tab("Scores", id="scores") as tab_scores:
+                        _explain("How the learned scores are distributed. The budget is one global threshold per "
+                                 "dimension (red): units above it stay. Tokens are ranked by their largest mask "
+                                 "value in this or any later layer, which keeps token masks monotone.")
+                        hist_img = _live_image("vs-hist", "score histograms", init[4])
+                        hist_plot = gr.Plot(label="histograms (log count)", show_label=False, format="png", elem_id="vs-hist-plot")
+                    with gr.Tab("History", id="history") as tab_history:
+                        _explain("How the search went: the sparsity penalty pushes scores down while the task loss "
+                                 "keeps the useful units alive.")
+                        history_plot = gr.Plot(label="search history", show_label=False, format="png", elem_id="vs-history")
+                    with gr.Tab("Accuracy", id="accuracy") as tab_accuracy:
+                        _explain("Accuracy of the slimmed model before any retraining, against its FLOPs. The "
+                                 "dashed line is your budget.")
+                        with gr.Row():
+                            eval_btn = gr.Button("evaluate at this budget", variant="primary", elem_id="vs-eval-btn")
+                            sweep_btn = gr.Button("compute the curve", elem_id="vs-sweep-btn")
+                        eval_md = gr.Markdown(elem_id="vs-eval-md")
+                        acc_note = gr.Markdown(elem_id="vs-acc-note")
+                        acc_plot = gr.Plot(label="accuracy vs FLOPs", show_label=False, format="png", elem_id="vs-acc-plot")
+                    with gr.Tab("Retrain", id="retrain") as tab_retrain:
+                        _explain("Retrain the physically slimmed model at this budget (on this machine's CPU), "
+                                 "optionally distilling from the searched model. One job runs at a time.")
+                        with gr.Row():
+                            epochs = gr.Number(1, label="epochs", precision=0, minimum=1, maximum=1000,
+                                               elem_id="vs-epochs")
+                            lr = gr.Number(2e-4, label="learning rate", minimum=1e-7, maximum=0.9, elem_id="vs-lr")
+                            distill = gr.Checkbox(True, label="distill from the searched model", elem_id="vs-distill")
+                        with gr.Accordion("advanced", open=False):
+                            max_steps = gr.Number(0, label="max steps (0: all epochs)", precision=0, minimum=0,
+                                                  elem_id="vs-max-steps")
+                        with gr.Row():
+                            start_btn = gr.Button("start retraining", variant="primary", elem_id="vs-start-btn")
+                            stop_btn = gr.Button("stop", variant="stop", elem_id="vs-stop-btn")
+                        job_line = gr.Markdown(ex.job_status(), elem_id="vs-job-line")
+                        job_bar = gr.HTML(elem_id="vs-job-bar")
+                        job_md = gr.Markdown(elem_id="vs-job-md")
+                        stop_md = gr.Markdown(elem_id="vs-stop-md")
+                        job_plot = gr.Plot(label="training curve", show_label=False, format="png", elem_id="vs-job-plot")
+                        job_files = gr.File(label="retrained slim model (zip) and exported program (.pt2)",
+                                            file_count="multiple", interactive=False, elem_id="vs-job-files")
+                    with gr.Tab("Export", id="export") as tab_export:
+                        _explain("Download the plan (which units survive, as JSON) or the physically slimmed model "
+                                 "for this budget (not retrained; a `save_slim` folder, zipped).")
+                        with gr.Row():
+                            plan_btn = gr.Button("plan (json)", elem_id="vs-plan-btn")
+                            slim_btn = gr.Button("slim model (zip)", elem_id="vs-slim-btn")
+                        export_md = gr.Markdown(elem_id="vs-export-md")
+                        with gr.Row():
+                            plan_file = gr.File(label="plan", interactive=False, elem_id="vs-plan-file")
+                            slim_file = gr.File(label="slim model", interactive=False, elem_id="vs-slim-file")
+        timer = gr.Timer(2.0)
+        # API-only components for /token_overlay (image in, image out)
+        with gr.Row(visible=False):
+            api_image = gr.Image(type="filepath", image_mode=None, label="image")
+            api_layer = gr.Number(0, label="layer", precision=0)
+            api_budget = gr.Number(DEFAULT_FLOPS, label="budget")
+            api_overlay = gr.Image(format="png", label="overlay")
+            api_btn = gr.Button("overlay")
+
+        # ------------------------------------------------------------------ wiring
+        # Only the tab on screen is redrawn while a slider moves (view_state); selecting a tab draws it.
+        private: dict[str, Any] = {"api_visibility": "private"}
+        quiet = dict(show_progress="hidden", **private)
+        budget_in = [run_dd, mode, flops, attn, mlp, token]
+        live_out = [readout, attn_img, mlp_img, tok_img, hist_img, bars_img, table, overlay_img, strip_img]
+        live_in = budget_in + [layer, sort, image_state, view_state]
+        heavy_in = [view_state] + budget_in + [image_state, evals_state]
+        heavy_out = [pred, pred_md, acc_plot, hist_plot]
+        for ctl in (flops, attn, mlp, token):
+            ctl.change(ex.budget_views, live_in, live_out, trigger_mode="always_last", **quiet)
+            ctl.change(None, [mode, flops, attn, mlp, token], None, js=URL_BUDGET_JS, **private)
+            ctl.release(ex.heavy_views, heavy_in, heavy_out, trigger_mode="always_last", **quiet)
+        sort.change(ex.budget_views, live_in, live_out, **quiet)
+        mode.change(mode_visibility, mode, [flops_group, ratio_group], **quiet).then(
+            ex.budget_views, live_in, live_out, **quiet).then(ex.heavy_views, heavy_in, heavy_out, **quiet)
+        mode.change(None, [mode, flops, attn, mlp, token], None, js=URL_BUDGET_JS, **private)
+        overlay_in = budget_in + [layer, image_state]
+        layer.change(ex.overlay_views, overlay_in, [overlay_img, strip_img], trigger_mode="always_last", **quiet)
+        layer.change(None, layer, None, js=URL_LAYER_JS, **private)
+        for tab, view in ((tab_attention, "attention"), (tab_mlp, "mlp"), (tab_tokens, "tokens"),
+                          (tab_image, "image"), (tab_layers, "layers"), (tab_scores, "scores"),
+                          (tab_history, "history"), (tab_accuracy, "accuracy"), (tab_retrain, "retrain"),
+                          (tab_export, "export")):
+            tab.select(functools.partial(ex.show_view, view), live_in[:-1], [view_state] + live_out, **quiet).then(
+                ex.heavy_views, heavy_in, heavy_out, **quiet)
+            tab.select(None, None, None, js=_url_view_js(view), **private)
+
+        # runs
+        open_out = [model_md, history_plot, gallery, image_state, layer, run_msg]
+        run_dd.change(ex.open_run, [run_dd, image_state, layer], open_out, **private).then(
+            ex.budget_views, live_in, live_out, **quiet).then(
+            ex.heavy_views, heavy_in, heavy_out, **quiet).then(
+            ex.accuracy_note, run_dd, acc_note, **quiet)
+        run_dd.change(None, run_dd, None, js=URL_RUN_JS, **private)
+        run_files.upload(ex.upload_run, run_files, [run_dd, run_msg], **private)
+
+        # images
+        gallery.select(ex.on_gallery_select, run_dd, image_state, **private).then(
+            ex.overlay_views, overlay_in, [overlay_img, strip_img], **quiet).then(
+            ex.predict, budget_in + [image_state], [pred, pred_md], **quiet)
+        img_in.upload(ex.upload_image, [run_dd, img_in, image_state], [image_state, img_msg], **private).then(
+            ex.overlay_views, overlay_in, [overlay_img, strip_img], **quiet).then(
+            ex.predict, budget_in + [image_state], [pred, pred_md], **quiet)
+
+        # measurements, accuracy, retraining, export
+        speed_btn.click(ex.measure_speed, budget_in, speed_md, **private)
+        eval_btn.click(ex.evaluate_budget, budget_in + [evals_state], [eval_md, acc_plot, evals_state],
+                       show_progress_on=[eval_md], **private)
+        sweep_btn.click(ex.compute_sweep, budget_in + [evals_state], [acc_note, acc_plot],
+                        show_progress_on=[acc_note], **private)
+        start_btn.click(ex.start_retrain, budget_in + [epochs, lr, distill, max_steps],
+                        [job_md, job_plot, job_files, acc_plot], show_progress_on=[job_bar], **private)
+        stop_btn.click(ex.stop_retrain, None, stop_md, **private)
+        timer.tick(ex.job_status, None, job_line, **quiet)
+        plan_btn.click(ex.export_plan, budget_in, [plan_file, export_md], **private)
+        slim_btn.click(ex.export_slim, budget_in, [slim_file, export_md], show_progress_on=[export_md], **private)
+
+        # the page URL carries budget and view (written by the js snippets above, read here)
+        demo.load(ex.on_load, None, [run_dd, mode, flops, attn, mlp, token, layer, tabs, view_state], **private).then(
+            ex.open_run, [run_dd, image_state, layer], open_out, **quiet).then(
+            ex.budget_views, live_in, live_out, **quiet).then(
+            ex.heavy_views, heavy_in, heavy_out, **quiet).then(
+            ex.accuracy_note, run_dd, acc_note, **quiet).then(
+            page_ready, None, ready, **quiet)
+
+        # named API endpoints (stable: used by gradio_client users)
+        gr.api(ex.api_set_budget, api_name="set_budget")
+        gr.api(ex.api_set_ratios, api_name="set_ratios")
+        api_btn.click(ex.api_token_overlay, [api_image, api_layer, api_budget], api_overlay, api_name="token_overlay",
+                      api_description=ex.api_token_overlay.__doc__)
+        gr.api(ex.api_evaluate, api_name="evaluate", concurrency_limit=1)
+    return demo
+
+
+def page_ready() -> str:
+    """Marks the end of the page's load chain (tests and benchmarks wait for it)."""
+    return "ready"
+
+
+def mode_visibility(mode: str) -> tuple[Any, Any]:
+    """Show the FLOPs slider or the three ratio sliders."""
+    return gr.update(visible=mode != "ratios"), gr.update(visible=mode == "ratios")
+
+
+def launch_app(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, auth: tuple[str, str] | None = None,
+               open_browser: bool = False, quiet: bool = False, prevent_thread_lock: bool = False,
+               extra_allowed: Sequence[str | Path] = ()) -> Any:
+    """Launch with the app's settings: upload limit, file access only to the runs and the work dir."""
+    ex: Explorer = demo.explorer
+    allowed = [str(p) for p in ex.registry.startup] + [str(ex.workdir)] + [str(p) for p in extra_allowed]
+    demo.queue(default_concurrency_limit=1)
+    ex.warm_up_in_background()
+    return demo.launch(server_name=host, server_port=port, auth=auth, inbrowser=open_browser, quiet=quiet,
+                       prevent_thread_lock=prevent_thread_lock, show_error=True, max_file_size=MAX_UPLOAD,
+                       allowed_paths=allowed, footer_links=["api"], css=CSS, theme=THEME, ssr_mode=False)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "demo":  # built lazily: importing this module must stay cheap
+        global demo
+        demo = build_app()
+        return demo
+    raise AttributeError(name)
