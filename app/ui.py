@@ -44,11 +44,14 @@ CSS = """
 .vs-pixel img {image-rendering: pixelated;}
 #vs-side {position: sticky; top: 8px; align-self: flex-start;}
 #vs-ready {display: none;}
-.vs-table {border-collapse: collapse; width: 100%; font-size: 0.85rem; font-variant-numeric: tabular-nums;}
-.vs-table th, .vs-table td {padding: 4px 8px; border-bottom: 1px solid var(--border-color-primary); text-align: right;}
-.vs-table th {font-weight: 600; background: var(--background-fill-secondary);}
-.vs-table td:nth-child(3) {text-align: left; font-family: var(--font-mono); font-size: 0.8rem;}
-.vs-table tr.vs-total td {font-weight: 600;}
+#vs-layer-table .vs-table {border-collapse: collapse; width: 100%; font-size: 0.85rem;
+                            font-variant-numeric: tabular-nums; border: none;}
+#vs-layer-table .vs-table th, #vs-layer-table .vs-table td {padding: 4px 8px; text-align: right; border: none;
+                            border-bottom: 1px solid var(--border-color-primary);}
+#vs-layer-table .vs-table th {font-weight: 600; background: var(--background-fill-secondary);}
+#vs-layer-table .vs-table tbody tr:not(.vs-total) td:nth-child(3) {text-align: left; font-family: var(--font-mono);
+                            font-size: 0.8rem;}
+#vs-layer-table .vs-table tr.vs-total td {font-weight: 600; border-bottom: none;}
 """
 
 # system fonts only: the app must work offline (the stock themes fetch Google fonts)

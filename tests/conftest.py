@@ -132,3 +132,14 @@ def deit_s_spec() -> ArchSpec:
 @pytest.fixture(scope="session")
 def meta_arch():
     return meta_spec
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """A tiny real search run on the digits (random-init demo model, a few steps): a run folder."""
+    from vitslim_core.search import SearchConfig, search
+    out = tmp_path_factory.mktemp("quick_run") / "run"
+    search(SearchConfig(out=str(out), model="digits-vit", data="digits", batch_size=32, max_steps=6, epochs=1,
+                        lr=1e-3, mask_lr=5e-2, w_attn=1e-2, w_mlp=1e-2, w_token=1e-2, device="cpu", log_every=2,
+                        seed=1))
+    return out

@@ -148,7 +148,7 @@ def make_plan(scores, a: argparse.Namespace):
         raise VitSlimError("give either --flops or --attn/--mlp/--token, not both")
     if manual:
         return plan_for_ratios(scores, attn=a.attn or 1.0, mlp=a.mlp or 1.0, token=a.token or 1.0,
-                               multiple=a.multiple)
+                               multiple=a.multiple or 1)
     if a.flops is None:
         raise VitSlimError("give a budget: --flops RATIO or --attn/--mlp/--token fractions")
     with warnings.catch_warnings(record=True) as caught:
@@ -481,7 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed as one line
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
     if not getattr(a, "func", None):
         parser.print_help()
         return 2

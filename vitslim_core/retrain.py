@@ -174,7 +174,7 @@ def _retrain_step(cfg: RetrainConfig, teacher: nn.Module | None, num_classes: in
                 t_logits = teacher(x_in)
             kd = distill_loss(logits, t_logits, cfg.distill_tau, hard=cfg.distill == "hard")
             loss = (1 - cfg.distill_alpha) * task + cfg.distill_alpha * kd
-            logs["distill"] = float(kd)
-        logs["task_loss"] = float(task)
+            logs["distill"] = float(kd.detach())
+        logs["task_loss"] = float(task.detach())
         return loss, logs
     return step_fn

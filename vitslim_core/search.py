@@ -191,7 +191,7 @@ def _search_step(masks, cfg: SearchConfig, teacher: nn.Module | None):
         la, lm, lt = masks.l1_terms()
         loss = task + w[0] * la + w[1] * lm + w[2] * lt
         with torch.no_grad():
-            logs = {"task_loss": float(task), "acc": 100.0 * float((logits.argmax(1) == y).float().mean()),
+            logs = {"task_loss": float(task.detach()), "acc": 100.0 * float((logits.argmax(1) == y).float().mean()),
                     **alive_fractions(masks)}
         return loss, logs
     return step_fn
