@@ -22,7 +22,7 @@ import gradio as gr
 import numpy as np
 
 from vitslim_core import viz
-from vitslim_core.errors import BudgetError, DataError, VitSlimError
+from vitslim_core.errors import DataError, VitSlimError
 from vitslim_core.plan import DEFAULT_TOL, BudgetWarning, SlimPlan, plan_for_flops, plan_for_ratios
 
 from .jobs import JOB, JobBusyError, JobStatus, RetrainJob, RetrainRequest
@@ -135,6 +135,10 @@ def readout_html(plan: SlimPlan, note: str = "") -> str:
               f"(layer, patch) pairs; last layer {int(plan.token[-1].sum())}/{s.num_patches}", "vs-tokens"),
     ]
     extra = f'<div class="vs-note" id="vs-budget-note">{html.escape(note)}</div>' if note else ""
+    q = int(plan.info.get("multiple") or 1)
+    if q > 1:
+        extra += (f'<div class="vs-s" style="margin-top:6px">Kept widths are rounded up to multiples of {q} '
+                  f'per head and per MLP (fast matrix kernels).</div>')
     return f'<div class="vs-readout">{"".join(cards)}</div>{extra}'
 
 
@@ -163,8 +167,10 @@ def run_summary(run: OpenRun) -> str:
     s = run.spec
     name = (run.scores.model_recipe or {}).get("name") or s.model_name or "model"
     w = "" if run.has_weights else " · **scores only**"
+    c = count_cost(s)
     return (f"`{html.escape(name)}` · {s.depth} blocks · {s.num_heads}×{s.head_dim} attention · MLP {s.mlp_hidden} · "
-            f"{s.num_prefix_tokens}+{s.num_patches} tokens · {_fmt_flops(count_cost(s).macs)}FLOPs dense{w}")
+            f"{s.num_prefix_tokens}+{s.num_patches} tokens · dense {_fmt_flops(c.macs)}FLOPs, "
+            f"{_fmt_params(c.params)} params{w}")
 
 
 def run_info_markdown(run: OpenRun) -> str:
@@ -218,6 +224,7 @@ class Explorer:
         self.job = job or JOB
         self._plans: OrderedDict[tuple, PlanResult] = OrderedDict()
         self._plans_lock = threading.Lock()
+        self._warmed = False
 
     def warm_up(self) -> None:
         """Load what the first page view needs (samples, weights, plotting) so it appears at once."""
@@ -226,15 +233,18 @@ class Explorer:
             run.samples()
             if run.has_weights:
                 run.model()
-            import matplotlib.figure  # noqa: F401
-            viz.history_figure(run.history)
+            viz.history_figure(run.history)  # imports matplotlib
         except Exception:  # noqa: BLE001 - warming up is best effort; the callbacks report errors
             pass
 
-    def warm_up_in_background(self) -> threading.Thread:
-        t = threading.Thread(target=self.warm_up, daemon=True, name="vitslim-app-warm-up")
-        t.start()
-        return t
+    def page_ready(self) -> str:
+        """End of a page's load chain: the first time, load the weights in the background (so the first
+        prediction or evaluation is quick) without slowing down the page itself. Returns "ready"."""
+        with self._plans_lock:
+            first, self._warmed = not self._warmed, True
+        if first:
+            threading.Thread(target=self.warm_up, daemon=True, name="vitslim-app-warm-up").start()
+        return "ready"
 
     # ------------------------------------------------------------------ runs and plans
     def run(self, run_key: str | None) -> OpenRun:
@@ -382,7 +392,7 @@ class Explorer:
             return (gr.skip(),) * 5 + (f"**Cannot open this run:** {html.escape(_one_line(e))}",)
         samples = run.samples()
         img = self.image_for(run, image)
-        gallery = [(s.thumb, s.name) for s in samples]
+        gallery = [s.thumb for s in samples]  # names appear under the prediction once picked
         depth = run.spec.depth
         layer_update = gr.update(maximum=depth - 1, value=min(int(layer or 0), depth - 1))
         return (run_info_markdown(run), viz.history_figure(run.history), gallery, img, layer_update,
@@ -429,6 +439,7 @@ class Explorer:
         """
         if not path:
             return gr.skip(), ""
+        path = str(getattr(path, "name", path))
         from vitslim_core.data import image_to_tensor, load_image
         try:
             run = self.run(run_key)
@@ -543,11 +554,10 @@ class Explorer:
     def _evaluate_model(self, run: OpenRun, model: Any, progress: Any = None) -> dict[str, float]:
         from vitslim_core.train import evaluate
         test = run.data().test
-        cb = None
-        if progress is not None:
-            def cb(i: int, n: int) -> None:
-                progress((i, n), desc="evaluating on the test split")
-        return evaluate(model, test, batch_size=128, device="cpu", progress=cb)
+
+        def report(i: int, n: int) -> None:
+            progress((i, n), desc="evaluating on the test split")
+        return evaluate(model, test, batch_size=128, device="cpu", progress=report if progress is not None else None)
 
     def evaluate_budget(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
                         evals: list[dict] | None, progress: gr.Progress = gr.Progress()) -> tuple[str, Any, list[dict]]:

@@ -62,6 +62,7 @@ LEGEND = (
     '<div class="vs-legend">'
     '<span><span class="sw" style="background:#08306b"></span><span class="sw" style="background:#4292c6"></span>'
     '<span class="sw" style="background:#9ecae1"></span>kept (darker = larger |score|)</span>'
+    '<span style="display:inline-block;width:22px"></span>'
     '<span><span class="sw" style="background:#c4c4c4"></span><span class="sw" style="background:#f2f2f2;'
     'border:1px solid #ddd"></span>pruned</span></div>'
 )
@@ -175,7 +176,7 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
                 gr.Markdown("### 2 · Budget")
                 mode = gr.Radio(MODES, value="flops", label="how to choose the budget", elem_id="vs-mode")
                 with gr.Group(visible=True) as flops_group:
-                    flops = gr.Slider(0.01, 1.0, value=DEFAULT_FLOPS, step=0.01, label="FLOPs budget (fraction of dense)",
+                    flops = gr.Slider(0.0, 1.0, value=DEFAULT_FLOPS, step=0.01, label="FLOPs budget (fraction of dense)",
                                       info="The solver removes the least important units of all three dimensions "
                                            "at the same pace until the cost fits.", elem_id="vs-flops-slider")
                 with gr.Group(visible=False) as ratio_group:
@@ -213,12 +214,15 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
                         _explain("Which patches of a real image the slim model still looks at. Pick a sample or "
                                  "drop your own image (any size, grayscale or RGBA; it is preprocessed like the "
                                  "model's data).")
+                        gallery = gr.Gallery(label="samples: click one", columns=10, rows=1, height=110,
+                                             allow_preview=False, elem_id="vs-gallery", format="png",
+                                             object_fit="contain")
                         with gr.Row(equal_height=False):
-                            with gr.Column(scale=4, min_width=260):
-                                gallery = gr.Gallery(label="samples", columns=5, height=170, allow_preview=False,
-                                                     elem_id="vs-gallery", format="png", object_fit="contain")
-                                img_in = gr.Image(type="filepath", image_mode=None, label="your image",
-                                                  sources=["upload", "clipboard"], height=170, elem_id="vs-img-upload")
+                            with gr.Column(scale=3, min_width=220):
+                                # a plain file drop: our handler reads it (size guard, any mode) and
+                                # explains what is wrong with a bad file; the overlay shows the image
+                                img_in = gr.File(label="or drop your own image", file_types=["image"],
+                                                 file_count="single", height=150, elem_id="vs-img-upload")
                                 img_msg = gr.Markdown(elem_id="vs-img-msg")
                             with gr.Column(scale=5, min_width=280):
                                 layer = gr.Slider(0, max(depth - 1, 1), value=0, step=1, label="tokens entering block",
@@ -348,10 +352,12 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
                        show_progress_on=[eval_md], **private)
         sweep_btn.click(ex.compute_sweep, budget_in + [evals_state], [acc_note, acc_plot],
                         show_progress_on=[acc_note], **private)
+        # not limited to one at a time: a second Start must reach the job to hear that it is busy
         start_btn.click(ex.start_retrain, budget_in + [epochs, lr, distill, max_steps],
-                        [job_md, job_plot, job_files, acc_plot], show_progress_on=[job_bar], **private)
+                        [job_md, job_plot, job_files, acc_plot], show_progress_on=[job_bar], concurrency_limit=8,
+                        **private)
         stop_btn.click(ex.stop_retrain, None, stop_md, **private)
-        timer.tick(ex.job_status, None, job_line, **quiet)
+        timer.tick(ex.job_status, None, job_line, queue=False, **quiet)
         plan_btn.click(ex.export_plan, budget_in, [plan_file, export_md], **private)
         slim_btn.click(ex.export_slim, budget_in, [slim_file, export_md], show_progress_on=[export_md], **private)
 
@@ -361,7 +367,7 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
             ex.budget_views, live_in, live_out, **quiet).then(
             ex.heavy_views, heavy_in, heavy_out, **quiet).then(
             ex.accuracy_note, run_dd, acc_note, **quiet).then(
-            page_ready, None, ready, **quiet)
+            ex.page_ready, None, ready, **quiet)
 
         # named API endpoints (stable: used by gradio_client users)
         gr.api(ex.api_set_budget, api_name="set_budget")
@@ -370,11 +376,6 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
                       api_description=ex.api_token_overlay.__doc__)
         gr.api(ex.api_evaluate, api_name="evaluate", concurrency_limit=1)
     return demo
-
-
-def page_ready() -> str:
-    """Marks the end of the page's load chain (tests and benchmarks wait for it)."""
-    return "ready"
 
 
 def mode_visibility(mode: str) -> tuple[Any, Any]:
@@ -389,7 +390,6 @@ def launch_app(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860
     ex: Explorer = demo.explorer
     allowed = [str(p) for p in ex.registry.startup] + [str(ex.workdir)] + [str(p) for p in extra_allowed]
     demo.queue(default_concurrency_limit=1)
-    ex.warm_up_in_background()
     return demo.launch(server_name=host, server_port=port, auth=auth, inbrowser=open_browser, quiet=quiet,
                        prevent_thread_lock=prevent_thread_lock, show_error=True, max_file_size=MAX_UPLOAD,
                        allowed_paths=allowed, footer_links=["api"], css=CSS, theme=THEME, ssr_mode=False)

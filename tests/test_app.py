@@ -168,7 +168,7 @@ def test_open_run_fills_the_page(ex, key):
     run = ex.run(key)
     assert f"| blocks | {run.spec.depth} |" in card
     assert fig is not None and len(fig.axes) == 4
-    assert gallery and isinstance(gallery[0][0], np.ndarray) and isinstance(gallery[0][1], str)
+    assert gallery and all(isinstance(g, np.ndarray) and g.ndim == 3 for g in gallery)
     assert image["tensor"].shape[1:] == (run.spec.in_chans, *run.spec.img_size)
     assert layer_upd["maximum"] == run.spec.depth - 1 and layer_upd["value"] == run.spec.depth - 1
     assert "blocks" in summary
@@ -313,8 +313,10 @@ def test_evaluate_at_a_budget_adds_a_point(ex, key):
 
 
 def test_sweep_writes_the_curve(ex, key, monkeypatch):
-    import vitslim_core.sweep as sweep_mod
+    import importlib
+
     from app.runs import read_sweep, sweep_file
+    sweep_mod = importlib.import_module("vitslim_core.sweep")  # the package binds the name to the function
     monkeypatch.setattr(sweep_mod, "DEFAULT_BUDGETS", (0.5, 1.0))
     run = ex.run(key)
     target = sweep_file(run, ex.workdir)
@@ -334,7 +336,8 @@ def test_sweep_writes_the_curve(ex, key, monkeypatch):
 
 
 def test_measure_speed_reports_measured_and_predicted(ex, key, monkeypatch):
-    import vitslim_core.bench as bench
+    import importlib
+    bench = importlib.import_module("vitslim_core.bench")
     calls = []
 
     def fake(model, batch_size=32, runs=10, warmup=3, **kw):
@@ -399,7 +402,8 @@ def test_retrain_runs_reports_progress_and_offers_downloads(ex, key):
 
 
 def test_one_job_at_a_time_and_stop(ex, key, monkeypatch):
-    import vitslim_core.export as export_mod
+    import importlib
+    export_mod = importlib.import_module("vitslim_core.export")
     monkeypatch.setattr(export_mod, "export_program", lambda model, path: Path(path).write_bytes(b"pt2"))
     job = RetrainJob(runner=_fake_runner(10_000, delay=0.01))
     ex2 = Explorer([key], ex.workdir, job=job)
@@ -480,9 +484,8 @@ def test_app_builds_with_named_endpoints(ex):
 def test_cli_and_main_arguments(tmp_path, capsys):
     from app.main import check_runs, parse_auth
     from vitslim_core.cli import main
-    with pytest.raises(SystemExit) as e:
-        main(["app", "--help"])
-    assert e.value.code == 0 and "--auth" in capsys.readouterr().out
+    assert main(["app", "--help"]) == 0
+    assert "--auth" in capsys.readouterr().out
     assert parse_auth("ann:secret") == ("ann", "secret")
     with pytest.raises(ValueError):
         parse_auth("nopassword")

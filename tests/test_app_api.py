@@ -41,7 +41,8 @@ def test_endpoints_are_listed_with_descriptions(client):
     info = client.view_api(print_info=False, return_format="dict")
     named = info["named_endpoints"]
     assert set(ENDPOINTS) <= set(named)
-    assert "FLOPs budget" in named["/set_budget"]["description"] or named["/set_budget"]["description"]
+    assert "FLOPs budget" in named["/set_budget"]["description"]
+    assert "image" in named["/token_overlay"]["description"]
 
 
 def test_set_budget(client, served):

@@ -195,7 +195,7 @@ def _build_demo(**kwargs: Any) -> nn.Module:
 
 
 def _init_sincos_positions(model: nn.Module) -> None:
-    """Start the (still learnable) position embedding at 2-D sin-cos values, prefix tokens at 0.
+    """Start the (still learnable) position embedding of the patches at 2-D sin-cos values.
 
     With timm's near-zero default the tiny demo spends its first epochs on a plateau learning
     where its patches are; from sin-cos it knows the grid at step one and trains ~3x faster.
@@ -210,8 +210,7 @@ def _init_sincos_positions(model: nn.Module) -> None:
     grid = [int(g) for g in model.patch_embed.grid_size]
     with torch.no_grad():
         table = build_sincos2d_pos_embed(grid, dim=dim, device=pos.device, dtype=pos.dtype)  # (M, C)
-        pos[0, offset:] = table
-        pos[0, :offset] = 0
+        pos[0, offset:] = table  # prefix positions keep timm's init: the class token must not be ~0
 
 
 def _create_timm(name: str, arch: dict[str, Any], **extra: Any) -> nn.Module:
