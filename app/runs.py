@@ -307,8 +307,7 @@ class RunRegistry:
                 tmp_names.append((tmp, folder / name))
         for tmp, dst in tmp_names:
             os.replace(tmp, dst)
-        (folder / "upload.json").write_text(json.dumps({"name": Path(scores_src).name if Path(scores_src).name !=
-                                                        "scores.safetensors" else folder.name}))
+        (folder / "upload.json").write_text(json.dumps({"name": f"{Path(scores_src).name} ({folder.name[:6]})"}))
         run = self.get(str(folder))
         if weights_src is not None:
             try:

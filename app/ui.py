@@ -124,10 +124,10 @@ def _explain(text: str) -> gr.Markdown:
     return gr.Markdown(text, elem_classes=["vs-explain"])
 
 
-def _live_image(elem_id: str, label: str, value: Any = None) -> gr.Image:
+def _live_image(elem_id: str, label: str, value: Any = None, pixelated: bool = False) -> gr.Image:
     return LiveImage(value if isinstance(value, np.ndarray) else None, label=label, show_label=False,
-                    interactive=False, format="png", elem_id=elem_id, elem_classes=["vs-pixel"],
-                    buttons=["download", "fullscreen"])
+                     interactive=False, format="png", elem_id=elem_id,
+                     elem_classes=["vs-pixel"] if pixelated else None, buttons=["download", "fullscreen"])
 
 
 def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | None = None,
@@ -227,7 +227,7 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
                             with gr.Column(scale=5, min_width=280):
                                 layer = gr.Slider(0, max(depth - 1, 1), value=0, step=1, label="tokens entering block",
                                                   elem_id="vs-layer-slider")
-                                overlay_img = _live_image("vs-overlay", "token mask on the image")
+                                overlay_img = _live_image("vs-overlay", "token mask on the image", pixelated=True)
                             with gr.Column(scale=3, min_width=200):
                                 gr.Markdown("**slim model's prediction**")
                                 pred = gr.Label(num_top_classes=3, label="prediction", show_label=False,
