@@ -366,7 +366,7 @@ def run_loop(model: nn.Module, step_fn: StepFn, train_set: Dataset, test_set: Da
                     if on_log is not None and di.master:
                         on_log(rec)
                 bar.update(1)
-                if step % spe == 0 and test_set is not None:
+                if (step % spe == 0 or step == total) and test_set is not None:
                     ev = evaluate(raw, test_set, cfg.eval_batch_size, di.device, cfg.num_workers, di)
                     ev.update(step=step, epoch=step // spe)
                     history["eval"].append(ev)

@@ -1,0 +1,95 @@
+"""The tutorials in notebooks/ run top to bottom in fast mode (VITSLIM_FAST=1) and draw their figures.
+
+Each notebook is executed with nbclient in a fresh kernel whose working directory is notebooks/ and
+whose environment has ``VITSLIM_FAST=1``, ``MPLBACKEND=Agg`` and the repository on ``PYTHONPATH``.
+The committed files must carry no outputs (they are stripped before saving).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+ROOT = Path(__file__).resolve().parent.parent
+NB_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
+EXPECTED = ["01_what_vit_slim_does.ipynb", "02_search_yourself.ipynb", "03_slim_retrain_measure.ipynb",
+            "04_scaling_up.ipynb"]
+CELL_TIMEOUT_S = 600
+TIMINGS: dict[str, float] = {}
+
+
+def kernel_env(run: Path | None, tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["TMPDIR"] = str(tmp)  # the notebooks' temporary run folders (hundreds of MB for DeiT-S) go here
+    env.update(VITSLIM_FAST="1", MPLBACKEND="Agg", VITSLIM_NO_PROGRESS="1", PYTHONUNBUFFERED="1",
+               GRADIO_ANALYTICS_ENABLED="False")
+    # tiny models on a shared 2-core machine: one thread avoids OpenMP threads waiting on each other
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    if run is not None:
+        env["VITSLIM_RUN"] = str(run)
+    return env
+
+
+@pytest.fixture(scope="session")
+def tutorial_run(tmp_path_factory) -> Path | None:
+    """None when the bundled demo exists (the notebooks' default); else a quick run to stand in for it."""
+    from app.testing import bundled_demo, run_for_tests
+    if os.environ.get("VITSLIM_TEST_RUN"):
+        return Path(os.environ["VITSLIM_TEST_RUN"])
+    return None if bundled_demo() else run_for_tests(tmp_path_factory.getbasetemp())
+
+
+def test_the_four_tutorials_are_there():
+    assert [p.name for p in NOTEBOOKS] == EXPECTED
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_is_stripped_and_parametrised(path):
+    nb = nbformat.read(str(path), as_version=4)
+    nbformat.validate(nb)
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), "starts with a title"
+    assert sum(c.cell_type == "markdown" for c in nb.cells) >= 5, "a tutorial explains itself"
+    tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1 and "VITSLIM_FAST" in tagged[0].source
+    for c in nb.cells:
+        if c.cell_type == "code":
+            assert c.outputs == [] and c.execution_count is None, f"outputs not stripped: {c.source[:60]!r}"
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_in_fast_mode_and_draws_figures(path, tutorial_run, tmp_path):
+    nb = nbformat.read(str(path), as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                                     resources={"metadata": {"path": str(NB_DIR)}})
+    tmp = tmp_path / "kernel-tmp"
+    tmp.mkdir()
+    t0 = time.perf_counter()
+    try:
+        client.execute(env=kernel_env(tutorial_run, tmp), cwd=str(NB_DIR))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    TIMINGS[path.name] = time.perf_counter() - t0
+    print(f"{path.name}: {TIMINGS[path.name]:.1f} s in fast mode")
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors, errors
+    pngs = [c for c in nb.cells if c.cell_type == "code"
+            if any("image/png" in o.get("data", {}) for o in c.outputs)]
+    assert pngs, f"{path.name} drew no figure"
+    # every cell that draws (viz figures or images) produced a picture, not a text repr of a Figure
+    for c in nb.cells:
+        if c.cell_type == "code":
+            for o in c.outputs:
+                text = o.get("data", {}).get("text/plain", "")
+                assert "<Figure size" not in text or "image/png" in o.get("data", {}), \
+                    f"a figure was shown as text in: {c.source[:60]!r}"
