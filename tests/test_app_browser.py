@@ -122,7 +122,9 @@ def test_flops_slider_updates_readout_and_token_grid(page, app_url):
 def test_url_state_is_restored(page, app_url):
     page.goto(app_url + "?flops=0.35&view=tokens")
     page.wait_for_selector("#vs-flops .vs-v")
-    page.wait_for_function("() => document.querySelector('#vs-flops').innerText.includes('35.')", timeout=T)
+    # the solver's nearest plan is within 0.5% of the target (34.9% on the bundled demo)
+    page.wait_for_function("() => { const m = /([0-9.]+)%/.exec(document.querySelector('#vs-flops').innerText);"
+                           " return m && Math.abs(parseFloat(m[1]) - 35) < 0.6; }", timeout=T)
     selected = page.locator("button[role=tab][aria-selected=true]")
     assert selected.inner_text().strip() == "Tokens"
     assert page.locator("#vs-flops-slider input[type=number]").input_value() == "0.35"
