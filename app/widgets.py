@@ -241,7 +241,7 @@ class SlimPanel:
             W.HTML("Every layer at once:"), self.images["strip"]])
 
         # accuracy tab
-        self.evaluate_button = W.Button(description="Evaluate this budget", icon="check",
+        self.evaluate_button = W.Button(description="Evaluate this budget", icon="check", layout=W.Layout(width="auto"),
                                         tooltip="slim the searched model to this budget and test it (no retraining)")
         self.accuracy = W.HTML()
         accuracy_tab = W.VBox([W.HBox([self.evaluate_button, self.accuracy]), self.images["accuracy"]])
