@@ -101,6 +101,8 @@ def cmd_search(a: argparse.Namespace) -> int:
                        distill_tau=a.distill_tau, distill_alpha=a.distill_alpha, masks_only=a.masks_only,
                        mask_lr=a.mask_lr, drop_path=a.drop_path, **_loop_kwargs(a))
     res = search(cfg, resume=a.resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only the first process reports
+        return 0
     if res.history.get("eval"):
         ev = res.history["eval"][-1]
         print(f"searched masks: top-1 {ev['top1']:.2f}% on the test split (masked model)")
@@ -247,6 +249,8 @@ def cmd_retrain(a: argparse.Namespace) -> int:
                         distill_alpha=a.distill_alpha, mixup=a.mixup, cutmix=a.cutmix,
                         label_smoothing=a.smoothing, augment=not a.no_augment, **_loop_kwargs(a))
     res = retrain(cfg, resume=a.resume)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     c = res.plan.cost
     best = f"best top-1 {res.best_top1:.2f}%" if res.best_top1 is not None else "no evaluation yet"
     print(f"retrained slim model ({100 * c.flops_ratio:.1f}% FLOPs): {best}; wrote {res.out}/best and {res.out}/last")
