@@ -25,6 +25,8 @@ from vitslim_core import viz
 from vitslim_core.errors import DataError, VitSlimError
 from vitslim_core.plan import DEFAULT_TOL, BudgetWarning, SlimPlan, plan_for_flops, plan_for_ratios
 
+from .views import (TABLE_HEADERS, Card, fmt_flops as _fmt_flops, fmt_params as _fmt_params,
+                    layer_rows, one_line as _one_line, readout_cards, rounding_note, table_total)
 from .jobs import JOB, JobBusyError, JobStatus, RetrainJob, RetrainRequest
 from .runs import MissingWeightsError, OpenRun, RunRegistry, Sample, read_sweep, sweep_file
 
@@ -35,8 +37,6 @@ VIEW_OUTPUTS = {"attention": {"attention"}, "mlp": {"mlp"}, "tokens": {"tokens"}
                 "layers": {"bars", "table"}, "scores": {"scores"}}
 VIEWS = ("attention", "mlp", "tokens", "image", "layers", "scores", "history", "accuracy", "retrain", "export")
 DEFAULT_FLOPS = 0.6
-TABLE_HEADERS = ["layer", "heads", "dims per head", "attention dims", "MLP units", "tokens", "MFLOPs",
-                 "% of dense layer"]
 
 
 # ====================================================================== budgets
@@ -85,69 +85,23 @@ class PlanResult:
 
 
 # ====================================================================== formatting helpers
-def _fmt_params(n: float) -> str:
-    return f"{n / 1e6:.3g} M" if n >= 1e5 else f"{n / 1e3:.3g} k"
-
-
-def _fmt_flops(n: float) -> str:
-    if n >= 1e8:
-        return f"{n / 1e9:.3g} G"
-    return f"{n / 1e6:.3g} M"
-
-
 def _error_html(msg: str) -> str:
     return f'<div class="vs-error" id="vs-budget-error">{html.escape(msg)}</div>'
 
 
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
-
-
-def _card(key: str, value: str, sub: str, elem: str, main: bool = False) -> str:
-    cls = "vs-card vs-main" if main else "vs-card"
-    return (f'<div class="{cls}" id="{elem}"><div class="vs-k">{key}</div><div class="vs-v">{value}</div>'
-            f'<div class="vs-s">{sub}</div></div>')
+def _card(card: Card) -> str:
+    cls = "vs-card vs-main" if card.main else "vs-card"
+    return (f'<div class="{cls}" id="{card.elem}"><div class="vs-k">{card.key}</div><div class="vs-v">{card.value}'
+            f'</div><div class="vs-s">{card.sub}</div></div>')
 
 
 def readout_html(plan: SlimPlan, note: str = "") -> str:
     """The always-visible numbers of a plan (FLOPs, params, speedup, kept units)."""
-    c = plan.cost
-    s = plan.spec
-    L = s.depth
-    dims = plan.attn.sum(2)
-    heads = int((dims > 0).sum())
-    attn_kept = int(plan.attn.sum())
-    mlp_kept = int(plan.mlp.sum())
-    tok_kept = int(plan.token.sum())
-    speed = 1.0 / c.flops_ratio if c.flops_ratio > 0 else float("inf")
-    cards = [
-        _card("FLOPs", f"{_fmt_flops(c.macs)}", f"<b>{100 * c.flops_ratio:.1f}%</b> of {_fmt_flops(c.dense_macs)} dense",
-              "vs-flops", main=True),
-        _card("predicted speedup", f"{speed:.2f}×", "1 / FLOPs ratio", "vs-speedup", main=True),
-        _card("parameters", _fmt_params(c.params), f"{100 * c.params_ratio:.1f}% of {_fmt_params(c.dense_params)}",
-              "vs-params"),
-        _card("heads", f"{heads}/{L * s.num_heads}", "with at least one dim", "vs-heads"),
-        _card("attention dims", f"{attn_kept}/{plan.attn.size}", f"{100 * attn_kept / plan.attn.size:.0f}% kept",
-              "vs-dims"),
-        _card("MLP units", f"{mlp_kept}/{plan.mlp.size}", f"{100 * mlp_kept / plan.mlp.size:.0f}% kept", "vs-mlp"),
-        _card("tokens", f"{tok_kept}/{plan.token.size}",
-              f"(layer, patch) pairs; last layer {int(plan.token[-1].sum())}/{s.num_patches}", "vs-tokens"),
-    ]
     extra = f'<div class="vs-note" id="vs-budget-note">{html.escape(note)}</div>' if note else ""
-    q = int(plan.info.get("multiple") or 1)
-    if q > 1:
-        extra += (f'<div class="vs-s" style="margin-top:6px">Kept widths are rounded up to multiples of {q} '
-                  f'per head and per MLP (fast matrix kernels).</div>')
-    return f'<div class="vs-readout">{"".join(cards)}</div>{extra}'
-
-
-def layer_rows(plan: SlimPlan) -> list[list[Any]]:
-    """The per-layer architecture of a plan, one row per block (columns: ``TABLE_HEADERS``)."""
-    s = plan.spec
-    return [[r["layer"], f"{r['heads']}/{s.num_heads}", " ".join(str(x) for x in r["dims_per_head"]),
-             f"{r['attn_dims']}/{s.attn_dim}", f"{r['mlp']}/{s.mlp_hidden}", f"{r['tokens']}/{s.num_patches}",
-             round(r["macs"] / 1e6, 3), round(100 * r["macs_ratio"], 1)] for r in plan.layers()]
+    rounding = rounding_note(plan)
+    if rounding:
+        extra += f'<div class="vs-s" style="margin-top:6px">{rounding}</div>'
+    return f'<div class="vs-readout">{"".join(_card(c) for c in readout_cards(plan))}</div>{extra}'
 
 
 def layer_table(plan: SlimPlan) -> str:
@@ -155,9 +109,9 @@ def layer_table(plan: SlimPlan) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in TABLE_HEADERS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
                    for row in layer_rows(plan))
-    c = plan.cost
+    mflops, pct = table_total(plan)
     foot = (f'<tr class="vs-total"><td colspan="6">total (with patch embedding and head)</td>'
-            f"<td>{c.macs / 1e6:.3f}</td><td>{100 * c.flops_ratio:.1f}</td></tr>")
+            f"<td>{mflops}</td><td>{pct}</td></tr>")
     return f'<table class="vs-table"><thead><tr>{head}</tr></thead><tbody>{body}{foot}</tbody></table>'
 
 

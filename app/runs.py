@@ -101,15 +101,11 @@ class OpenRun:
         """The run's dataset bundle (test split for evaluation)."""
         with self._lock:
             if self._data is None:
-                from vitslim_core.data import load_data
+                from vitslim_core.data import load_for
                 name = self.dataset_name
                 if not name:
                     raise VitSlimError(f"run '{self.label}' does not name its dataset")
-                d = self.data_cfg
-                inp = d["input_size"]
-                self._data = load_data(name, img_size=tuple(inp[1:]), in_chans=int(inp[0]), mean=d["mean"],
-                                       std=d["std"], interpolation=d.get("interpolation", "bicubic"),
-                                       crop_pct=d.get("crop_pct", 0.875), augment=augment)
+                self._data = load_for(self.data_cfg, name, augment=augment)
             return self._data
 
     def samples(self) -> list[Sample]:

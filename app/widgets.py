@@ -36,12 +36,11 @@ from vitslim_core.errors import VitSlimError
 from vitslim_core.plan import DEFAULT_TOL, BudgetWarning, SlimPlan, plan_for_flops, plan_for_ratios, removal_order
 
 from .runs import MissingWeightsError, OpenRun, RunRegistry, read_sweep
+from .views import TABLE_HEADERS, Card, layer_rows, one_line as _one_line, readout_cards, rounding_note, table_total
 
 TABS = ("attention", "mlp", "tokens", "layers", "scores", "image", "accuracy", "history", "retrain")
 TAB_TITLES = {"attention": "Attention", "mlp": "MLP", "tokens": "Tokens", "layers": "Layers", "scores": "Scores",
               "image": "Image", "accuracy": "Accuracy", "history": "History", "retrain": "Retrain"}
-TABLE_HEADERS = ("layer", "heads", "dims per head", "attention dims", "MLP units", "tokens", "MFLOPs",
-                 "% of dense layer")
 DEFAULT_FLOPS = 0.6
 CURVE_EVERY_S = 2.0  # redraw the live training curve at most this often (drawing runs in the training thread)
 
@@ -85,65 +84,29 @@ def figure_png(fig: Any, dpi: int = 100) -> bytes:
     return buf.getvalue()
 
 
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
-
-
-def _fmt_flops(n: float) -> str:
-    return f"{n / 1e9:.3g} G" if n >= 1e8 else f"{n / 1e6:.3g} M"
-
-
-def _fmt_params(n: float) -> str:
-    return f"{n / 1e6:.3g} M" if n >= 1e5 else f"{n / 1e3:.3g} k"
-
-
 _CARD = ("display:inline-block;min-width:118px;margin:0 8px 6px 0;padding:6px 10px;border:1px solid #d0d7de;"
          "border-radius:6px;vertical-align:top;background:#fff")
 
 
-def _card(key: str, value: str, sub: str, main: bool = False) -> str:
-    color = "#2166ac" if main else "#24292f"
-    return (f'<div style="{_CARD}"><div style="font-size:11px;color:#57606a">{key}</div>'
-            f'<div style="font-size:{18 if main else 15}px;font-weight:600;color:{color}">{value}</div>'
-            f'<div style="font-size:11px;color:#57606a">{sub}</div></div>')
+def _card(card: Card) -> str:
+    color = "#2166ac" if card.main else "#24292f"
+    return (f'<div style="{_CARD}"><div style="font-size:11px;color:#57606a">{card.key}</div>'
+            f'<div style="font-size:{18 if card.main else 15}px;font-weight:600;color:{color}">{card.value}</div>'
+            f'<div style="font-size:11px;color:#57606a">{card.sub}</div></div>')
 
 
 def readout_html(plan: SlimPlan, note: str = "") -> str:
     """The numbers of a plan: FLOPs, predicted speedup, parameters and kept units."""
-    c, s = plan.cost, plan.spec
-    heads = int((plan.attn.sum(2) > 0).sum())
-    attn_kept, mlp_kept, tok_kept = int(plan.attn.sum()), int(plan.mlp.sum()), int(plan.token.sum())
-    speed = 1.0 / c.flops_ratio if c.flops_ratio > 0 else float("inf")
-    cards = [
-        _card("FLOPs", _fmt_flops(c.macs), f"<b>{100 * c.flops_ratio:.1f}%</b> of {_fmt_flops(c.dense_macs)}", True),
-        _card("predicted speedup", f"{speed:.2f}×", "1 / FLOPs ratio", True),
-        _card("parameters", _fmt_params(c.params), f"{100 * c.params_ratio:.1f}% of {_fmt_params(c.dense_params)}"),
-        _card("heads", f"{heads}/{s.depth * s.num_heads}", "with at least one dim"),
-        _card("attention dims", f"{attn_kept}/{plan.attn.size}", f"{100 * attn_kept / plan.attn.size:.0f}% kept"),
-        _card("MLP units", f"{mlp_kept}/{plan.mlp.size}", f"{100 * mlp_kept / plan.mlp.size:.0f}% kept"),
-        _card("tokens", f"{tok_kept}/{plan.token.size}",
-              f"(layer, patch) pairs; last block {int(plan.token[-1].sum())}/{s.num_patches}"),
-    ]
     extra = f'<div style="color:#9a6700;font-size:12px">{html.escape(note)}</div>' if note else ""
-    q = int(plan.info.get("multiple") or 1)
-    if q > 1:
-        extra += (f'<div style="color:#57606a;font-size:12px">Kept widths are rounded up to multiples of {q} per '
-                  f"head and per MLP (fast matrix kernels).</div>")
-    return f'<div class="vs-readout">{"".join(cards)}</div>{extra}'
+    rounding = rounding_note(plan)
+    if rounding:
+        extra += f'<div style="color:#57606a;font-size:12px">{rounding}</div>'
+    return f'<div class="vs-readout">{"".join(_card(c) for c in readout_cards(plan))}</div>{extra}'
 
 
 def error_html(msg: str) -> str:
     return (f'<div class="vs-error" style="color:#cf222e;font-weight:600;padding:6px 0">'
             f"{html.escape(msg)}</div>")
-
-
-def layer_rows(plan: SlimPlan) -> list[list[Any]]:
-    """The per-layer architecture of a plan (columns: ``TABLE_HEADERS``), from ``plan.layers()``."""
-    s = plan.spec
-    return [[r["layer"], f"{r['heads']}/{s.num_heads}", " ".join(str(x) for x in r["dims_per_head"]),
-             f"{r['attn_dims']}/{s.attn_dim}", f"{r['mlp']}/{s.mlp_hidden}", f"{r['tokens']}/{s.num_patches}",
-             f"{r['macs'] / 1e6:.3f}", f"{100 * r['macs_ratio']:.1f}"] for r in plan.layers()]
 
 
 def layer_table_html(plan: SlimPlan) -> str:
@@ -152,9 +115,9 @@ def layer_table_html(plan: SlimPlan) -> str:
     head = "".join(f'<th style="{td};color:#57606a">{html.escape(h)}</th>' for h in TABLE_HEADERS)
     body = "".join("<tr>" + "".join(f'<td style="{td}">{html.escape(str(v))}</td>' for v in row) + "</tr>"
                    for row in layer_rows(plan))
-    c = plan.cost
+    mflops, pct = table_total(plan)
     foot = (f'<tr style="font-weight:600"><td style="{td}" colspan="6">total (with patch embedding and head)</td>'
-            f'<td style="{td}">{c.macs / 1e6:.3f}</td><td style="{td}">{100 * c.flops_ratio:.1f}</td></tr>')
+            f'<td style="{td}">{mflops}</td><td style="{td}">{pct}</td></tr>')
     return (f'<table class="vs-table" style="border-collapse:collapse;font-size:12px">'
             f"<thead><tr>{head}</tr></thead><tbody>{body}{foot}</tbody></table>")
 

@@ -302,22 +302,12 @@ def load_any_model(target: str, a: argparse.Namespace):
     return model, meta, f"{target}"
 
 
-def _bundle_for(meta: dict, data: str | None, spec_hint=None):
-    from .data import load_data
-    name = data or meta.get("name")
-    if not name:
-        raise VitSlimError("which dataset? pass --data")
-    inp = meta.get("input_size") or list(spec_hint)
-    return load_data(name, img_size=tuple(inp[1:]), in_chans=inp[0], mean=meta.get("mean", 0.5),
-                     std=meta.get("std", 0.5), interpolation=meta.get("interpolation", "bicubic"),
-                     crop_pct=meta.get("crop_pct", 0.875), augment=False)
-
-
 def cmd_eval(a: argparse.Namespace) -> int:
     from .bench import input_shape
     from .train import evaluate
     model, meta, what = load_any_model(a.target, a)
-    bundle = _bundle_for(meta, a.data, input_shape(model))
+    from .data import load_for
+    bundle = load_for(meta, a.data, input_size=input_shape(model))
     ds = bundle.test if a.split == "test" else bundle.train
     ev = evaluate(model, ds, batch_size=a.batch_size, device=a.device if a.device != "auto" else "cpu")
     if a.json:

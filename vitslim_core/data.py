@@ -491,6 +491,30 @@ def load_data(spec: str, *, img_size: int | tuple[int, int], in_chans: int,
 # ----------------------------------------------------------------------------- single images
 
 
+def load_for(data_cfg: dict, name: str | None = None, *, input_size: Sequence[int] | None = None,
+             augment: bool = False, seed: int = 0) -> DatasetBundle:
+    """Load a dataset preprocessed as a model's data config says (``data_config(model)`` or a run's
+    ``scores.meta["data"]``: input_size, mean, std, interpolation, crop_pct, name).
+
+    Args:
+        data_cfg: the config; missing mean/std fall back to 0.5.
+        name: dataset spec overriding ``data_cfg["name"]``.
+        input_size: (C, H, W) to use when the config has none.
+        augment: training augmentation.
+        seed: augmentation seed.
+    """
+    spec = name or data_cfg.get("name")
+    if not spec:
+        raise DataError("which dataset? the run does not name one (pass --data)")
+    inp = data_cfg.get("input_size") or input_size
+    if not inp:
+        raise DataError("the data config has no input size")
+    return load_data(spec, img_size=tuple(int(v) for v in inp[1:]), in_chans=int(inp[0]),
+                     mean=data_cfg.get("mean", 0.5), std=data_cfg.get("std", 0.5),
+                     interpolation=data_cfg.get("interpolation", "bicubic"), crop_pct=data_cfg.get("crop_pct", 0.875),
+                     augment=augment, seed=seed)
+
+
 def load_image(path_or_bytes: str | Path | bytes | bytearray | BinaryIO,
                max_pixels: int = 50_000_000) -> Image.Image:
     """Read one image safely: size-checked before decoding, first frame only, EXIF rotation applied.

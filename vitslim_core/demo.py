@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import tempfile
 import time
 from pathlib import Path

@@ -53,6 +53,8 @@ def export_program(model: nn.Module, path: str | Path, example_input: torch.Tens
     with _EvalMode(model), torch.no_grad():
         try:
             batch = torch.export.Dim("batch", min=1, max=1 << 16)
+            # strict=False is torch.export's non-strict *tracing* mode (Python-level tracing instead of
+            # TorchDynamo), not a lenient weight load; the exported logits are tested equal to the model's
             program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False)
         except Exception as e:  # noqa: BLE001 - any failure of the dynamic export falls back to a static one
             warnings.warn(f"exporting with a dynamic batch failed ({type(e).__name__}); the program has a "

@@ -238,7 +238,6 @@ class RemovalOrder:
         if int(multiple) < 1:
             raise BudgetError("multiple must be a positive integer")
         self.scores, self.spec, self.mix, self.q = scores, scores.spec, tuple(float(w) for w in mix), int(multiple)
-        s = self.spec
         self.dims = {"attn": self._attn_dim(), "mlp": self._ranked(scores.mlp_values(), groups_per_layer=1),
                      "token": self._token_dim()}
         self._build_sequence()

@@ -88,7 +88,7 @@ def retrain(cfg: RetrainConfig | None = None, *, resume: bool = False,
         on_log: receives every history record (for live plots).
         should_stop: polled every step; True stops after a checkpoint.
     """
-    from .data import load_data
+    from .data import load_for
     from .search import load_run, versions
     from .slim import save_slim, slim_model
 
@@ -103,13 +103,9 @@ def retrain(cfg: RetrainConfig | None = None, *, resume: bool = False,
         model = slim_model(searched, plan)
         dmeta = dict(scores.meta.get("data") or {})
         model.slim_data = dmeta
-        data_name = cfg.data or dmeta.get("name")
-        if not data_name:
-            raise VitSlimError("the run does not name its dataset; pass --data")
-        inp = dmeta.get("input_size") or [scores.spec.in_chans, *scores.spec.img_size]
-        bundle = load_data(data_name, img_size=tuple(inp[1:]), in_chans=inp[0], mean=dmeta.get("mean", 0.5),
-                           std=dmeta.get("std", 0.5), interpolation=dmeta.get("interpolation", "bicubic"),
-                           crop_pct=dmeta.get("crop_pct", 0.875), augment=cfg.augment, seed=cfg.seed)
+        bundle = load_for(dmeta, cfg.data, input_size=(scores.spec.in_chans, *scores.spec.img_size),
+                          augment=cfg.augment, seed=cfg.seed)
+        data_name = bundle.spec
         if bundle.num_classes != scores.spec.num_classes:
             raise VitSlimError(f"dataset {data_name} has {bundle.num_classes} classes, the model "
                                f"{scores.spec.num_classes}")

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from .errors import ScoreFileError, VitSlimError
 from .io import atomic_save, atomic_write_json
-from .masks import ATTN_MODES, add_masks, get_masks, is_mask_param, remove_masks
+from .masks import ATTN_MODES, add_masks, get_masks, is_mask_param
 from .scores import MaskScores
-from .train import (DistInfo, LoopConfig, cleanup_distributed, distill_loss, param_groups, run_loop,
+from .train import (LoopConfig, cleanup_distributed, distill_loss, param_groups, run_loop,
                     setup_distributed)
 
 ALIVE = 0.1  # a unit whose |mask value| is below this counts as "pruned" in progress displays
@@ -88,16 +88,14 @@ def versions() -> dict[str, str]:
 
 def prepare(cfg: SearchConfig):
     """Build the model (with its weights) and the data for a search or retrain."""
-    from .data import load_data
+    from .data import load_for
     from .models import build_model, data_config
     n_cls = num_classes_of(cfg.data)
     kw = {"drop_path_rate": cfg.drop_path} if cfg.drop_path else {}
     model, recipe = build_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
                                 num_classes=n_cls, img_size=cfg.img_size, **kw)
     dcfg = data_config(model)
-    bundle = load_data(cfg.data, img_size=tuple(dcfg["input_size"][1:]), in_chans=dcfg["input_size"][0],
-                       mean=dcfg["mean"], std=dcfg["std"], interpolation=dcfg.get("interpolation", "bicubic"),
-                       crop_pct=dcfg.get("crop_pct", 0.875), augment=cfg.augment, seed=cfg.seed)
+    bundle = load_for(dcfg, cfg.data, augment=cfg.augment, seed=cfg.seed)
     data_meta = {"name": cfg.data, "class_names": list(bundle.class_names), "num_classes": bundle.num_classes,
                  **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dcfg.items()}}
     return model, recipe, bundle, data_meta

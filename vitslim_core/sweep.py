@@ -7,7 +7,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 
 from .io import atomic_write_bytes, atomic_write_json
 from .plan import BudgetWarning, plan_for_flops
@@ -23,17 +22,13 @@ def sweep(run: str | Path, budgets: Sequence[float] = DEFAULT_BUDGETS, data: str
 
     Returns rows with target, flops_ratio, gflops, params, top1, top5, loss.
     """
-    from .data import load_data
+    from .data import load_for
     from .search import load_run
     from .slim import slim_model
 
     scores, model = load_run(run)
-    dmeta = scores.meta.get("data") or {}
-    name = data or dmeta.get("name")
-    inp = dmeta.get("input_size") or [scores.spec.in_chans, *scores.spec.img_size]
-    bundle = load_data(name, img_size=tuple(inp[1:]), in_chans=inp[0], mean=dmeta.get("mean", 0.5),
-                       std=dmeta.get("std", 0.5), interpolation=dmeta.get("interpolation", "bicubic"),
-                       crop_pct=dmeta.get("crop_pct", 0.875), augment=False)
+    bundle = load_for(scores.meta.get("data") or {}, data,
+                      input_size=(scores.spec.in_chans, *scores.spec.img_size))
     rows = []
     for i, b in enumerate(sorted(set(float(x) for x in budgets))):
         with warnings.catch_warnings():
