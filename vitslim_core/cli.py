@@ -140,7 +140,16 @@ def add_search(sub) -> None:
 # ----------------------------------------------------------------------------- plan
 def _load_scores(path: str):
     from .scores import MaskScores
-    return MaskScores.load(path)
+    return _note_incomplete(MaskScores.load(path))
+
+
+def _note_incomplete(scores):
+    """Say so on stderr when the scores come from an unfinished search (the command still runs)."""
+    from .search import run_status
+    note = run_status(scores)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return scores
 
 
 def make_plan(scores, a: argparse.Namespace):
@@ -213,6 +222,7 @@ def cmd_slim(a: argparse.Namespace) -> int:
     from .search import load_run
     from .slim import save_slim, slim_model
     scores, model = load_run(a.run)
+    _note_incomplete(scores)
     plan = _plan_from_args(scores, a)
     slim = slim_model(model, plan)
     slim.slim_data = scores.meta.get("data") or {}
@@ -494,8 +504,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vitslim: interrupted", file=sys.stderr)
         return 130
-    except (OSError, MemoryError) as e:
-        print(f"vitslim: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+    except OSError as e:
+        from .io import os_error_message
+        print(f"vitslim: error: {os_error_message(e)}", file=sys.stderr)
+        if debug:
+            raise
+        return 2
+    except MemoryError as e:
+        print(f"vitslim: error: out of memory{': ' + str(e).splitlines()[0] if str(e) else ''} "
+              "(try a smaller --batch-size)", file=sys.stderr)
         if debug:
             raise
         return 2

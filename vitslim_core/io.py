@@ -48,12 +48,51 @@ def _umask() -> int:
 _UMASK = _umask()  # read once: os.umask is process-wide and not thread-safe
 
 
-def _os_message(e: OSError, path: Path) -> str:
+def _os_message(e: OSError, path: str | os.PathLike | None = None, verb: str = "write") -> str:
+    path = path if path is not None else (e.filename or "a file")
     if e.errno == errno.ENOSPC:
-        return f"cannot write {path}: the disk is full"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"cannot write {path}: permission denied"
-    return f"cannot write {path}: {e.strerror or e}"
+        return f"cannot {verb} {path}: the disk is full"
+    if e.errno == errno.EDQUOT:
+        return f"cannot {verb} {path}: the disk quota is exceeded"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot {verb} {path}: permission denied"
+    if e.errno == errno.EROFS:
+        return f"cannot {verb} {path}: the file system is read-only"
+    if e.errno == errno.ENOTDIR:
+        return f"cannot {verb} {path}: a part of the path is a file, not a folder"
+    return f"cannot {verb} {path}: {e.strerror or e}"
+
+
+def os_error_message(e: OSError) -> str:
+    """A one-line message for an OSError that escaped (disk full, permission, missing folder)."""
+    return _os_message(e, e.filename, "use") if e.filename else (e.strerror or str(e) or type(e).__name__)
+
+
+def prepare_out_dir(path: str | os.PathLike) -> Path:
+    """Create an output folder and check that files can be written in it, before hours of training."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise VitSlimError(_os_message(e, path)) from None
+    return path
+
+
+def remove_stale_temps(folder: str | os.PathLike, recursive: bool = True) -> int:
+    """Delete the temp files a killed writer left behind (``.NAME.XXXX.tmp``); returns how many."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    n = 0
+    for p in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")):
+        if p.is_file():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                n += 1
+    return n
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

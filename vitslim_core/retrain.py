@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import VitSlimError
-from .io import atomic_write_json
+from .io import atomic_write_json, prepare_out_dir
 from .masks import remove_masks
 from .plan import SlimPlan, plan_for_flops, plan_for_ratios
 from .train import (LoopConfig, cleanup_distributed, distill_loss, param_groups, run_loop,
@@ -98,6 +98,8 @@ def retrain(cfg: RetrainConfig | None = None, *, resume: bool = False,
     di = setup_distributed(cfg.device)
     try:
         scores, searched = load_run(cfg.run)
+        if resume and not (out / "checkpoint.pt").is_file():
+            raise VitSlimError(f"no checkpoint to resume from at {out / 'checkpoint.pt'}; start it again without --resume")
         plan = SlimPlan.load(out / "plan.json") if resume else resolve_plan(scores, cfg)
         torch.manual_seed(cfg.seed)
         model = slim_model(searched, plan)
@@ -117,24 +119,26 @@ def retrain(cfg: RetrainConfig | None = None, *, resume: bool = False,
         model.to(di.device)
         step_fn = _retrain_step(cfg, teacher, bundle.num_classes)
         if di.master:
-            out.mkdir(parents=True, exist_ok=True)
+            prepare_out_dir(out)
             if not resume:
                 plan.save(out / "plan.json")
         best = {"top1": -1.0}
 
         def on_checkpoint(history: dict) -> None:
+            # idempotent, so that a resume can call it again for the checkpoint it starts from:
+            # best/ is (re)written when the latest evaluation is of the model in memory and is the
+            # best so far, unless best/eval.json says it already holds that step
             save_slim(model, out / "last")
-            ev = history["eval"][-1] if history.get("eval") else None
-            if ev is not None and ev["top1"] > best["top1"]:
-                best["top1"] = ev["top1"]
+            evals = history.get("eval") or []
+            best["top1"] = max([e["top1"] for e in evals] or [-1.0])
+            ev = evals[-1] if evals else None
+            if ev is not None and ev["step"] == history.get("step") and _best_step(out) != ev["step"] \
+                    and all(e["top1"] < ev["top1"] for e in evals[:-1]):
                 save_slim(model, out / "best")
+                atomic_write_json(out / "best" / "eval.json", ev)
             atomic_write_json(out / "history.json", {**history, "config": dataclasses.asdict(cfg),
                                                      "plan": plan.summary(), "versions": versions()})
 
-        if resume and (out / "history.json").exists():
-            import json
-            prev = json.loads((out / "history.json").read_text())
-            best["top1"] = max([e["top1"] for e in prev.get("eval", [])] or [-1.0])
         groups = param_groups(model, cfg.weight_decay, cfg.lr, None)
         history = run_loop(model, step_fn, bundle.train, bundle.test, cfg, out, groups, di, resume=resume,
                            on_log=on_log, on_checkpoint=on_checkpoint if di.master else None,
@@ -144,6 +148,15 @@ def retrain(cfg: RetrainConfig | None = None, *, resume: bool = False,
         return RetrainResult(out, plan, best["top1"] if best["top1"] >= 0 else None, history)
     finally:
         cleanup_distributed()
+
+
+def _best_step(out: Path) -> int | None:
+    from .io import read_json
+    from .errors import ScoreFileError
+    try:
+        return int(read_json(out / "best" / "eval.json", "evaluation record")["step"])
+    except (ScoreFileError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _retrain_step(cfg: RetrainConfig, teacher: nn.Module | None, num_classes: int):

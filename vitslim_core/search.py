@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ScoreFileError, VitSlimError
-from .io import atomic_save, atomic_write_json
+from .io import atomic_save, atomic_write_json, prepare_out_dir
 from .masks import ATTN_MODES, add_masks, get_masks, is_mask_param
 from .scores import MaskScores
 from .train import (LoopConfig, cleanup_distributed, distill_loss, param_groups, run_loop,
@@ -135,6 +135,8 @@ def search(cfg: SearchConfig | None = None, *, resume: bool = False,
     run_dir = Path(cfg.out)
     di = setup_distributed(cfg.device)
     try:
+        if di.master:
+            prepare_out_dir(run_dir)  # fail now, not at the first checkpoint
         torch.manual_seed(cfg.seed)
         model, recipe, bundle, data_meta = prepare(cfg)
         teacher = None
@@ -162,8 +164,6 @@ def search(cfg: SearchConfig | None = None, *, resume: bool = False,
         def write_run(history: dict) -> None:
             write_run_folder(run_dir, model, meta, history)
 
-        if di.master:
-            run_dir.mkdir(parents=True, exist_ok=True)
         history = run_loop(model, step_fn, bundle.train, bundle.test, cfg, run_dir, groups, di, resume=resume,
                            on_log=on_log, on_checkpoint=write_run, should_stop=should_stop, desc="search")
         history["config"] = meta["search"]
@@ -221,14 +221,32 @@ def write_run_folder(run_dir: Path, model: nn.Module, meta: dict, history: dict)
     step = history["log"][-1]["step"] if history.get("log") else 0
     if not snaps or snaps[-1]["step"] != step:
         snaps.append({"step": step, **_snapshot(masks)})
+    at = int(history.get("step", step))
+    progress = {"step": at, "total_steps": int(history.get("total_steps", at)),
+                "complete": bool(history.get("complete"))}
     scores = MaskScores.from_model(model, {**meta, "eval": history["eval"][-1] if history.get("eval") else None,
-                                           "complete": bool(history.get("complete"))})
-    scores.save(run_dir / "scores.safetensors")
+                                           **progress})
+    # weights first, scores (what every tool opens) last: both carry the step, so a folder caught
+    # between the two writes is detected by load_run instead of pairing scores with other weights
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not is_mask_param(k)}
     atomic_save(run_dir / "model.safetensors",
-                lambda tmp: save_file(state, str(tmp), metadata={"format": "vitslim-weights",
+                lambda tmp: save_file(state, str(tmp), metadata={"format": "vitslim-weights", "step": str(at),
                                                                   "model": json.dumps(meta["model"])}))
+    scores.save(run_dir / "scores.safetensors")
     atomic_write_json(run_dir / "history.json", {**history, "meta": {k: meta[k] for k in ("model", "data")}})
+
+
+def run_status(scores: MaskScores) -> str | None:
+    """A one-line note when the scores come from an unfinished search (None for a finished one).
+
+    Score files from other tools, or written before this was recorded, count as finished.
+    """
+    if scores.meta.get("complete", True) is not False:
+        return None
+    step, total = scores.meta.get("step"), scores.meta.get("total_steps")
+    where = f" (step {step} of {total})" if isinstance(step, int) and isinstance(total, int) else ""
+    return (f"this search is incomplete{where}: its scores are from an unfinished run; "
+            f"finish it with `vitslim search --resume --out RUN` using the same settings")
 
 
 def load_run(run_dir: str | Path, with_masks: bool = True) -> tuple[MaskScores, nn.Module]:
@@ -245,10 +263,17 @@ def load_run(run_dir: str | Path, with_masks: bool = True) -> tuple[MaskScores, 
         raise ScoreFileError(f"{run_dir} has no model.safetensors (searched weights are needed here)")
     model = rebuild_model(recipe)
     try:
+        from safetensors import safe_open
+        with safe_open(str(wpath), "pt") as f:
+            wstep = (f.metadata() or {}).get("step")
         state = load_file(str(wpath))
         model.load_state_dict(state, strict=True)
     except Exception as e:  # noqa: BLE001 - corrupt or foreign weights
         raise ScoreFileError(f"{wpath} does not fit the model of the score file ({str(e).splitlines()[0][:120]})") from None
+    sstep = scores.meta.get("step")
+    if wstep is not None and sstep is not None and str(sstep) != wstep:
+        raise ScoreFileError(f"{run_dir} was interrupted while being written (scores at step {sstep}, weights at "
+                             f"step {wstep}): finish it with `vitslim search --resume --out {run_dir}`")
     model.eval()
     if with_masks:
         add_masks(model, scores.attn_mode)

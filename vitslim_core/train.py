@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import VitSlimError
-from .io import atomic_save
+from .io import atomic_save, remove_stale_temps
 from .masks import is_mask_param
 
 
@@ -301,6 +301,8 @@ def run_loop(model: nn.Module, step_fn: StepFn, train_set: Dataset, test_set: Da
     history: dict[str, Any] = {"log": [], "eval": [], "complete": False, "total_steps": total,
                                "steps_per_epoch": spe, "world_size": di.world}
     step = 0
+    if di.master:
+        remove_stale_temps(run_dir)  # what a killed run left half-written (never read: see io.atomic_path)
     if resume:
         st = load_checkpoint(ckpt_path)
         try:
@@ -311,17 +313,30 @@ def run_loop(model: nn.Module, step_fn: StepFn, train_set: Dataset, test_set: Da
         scaler.load_state_dict(st.get("scaler", {})) if st.get("scaler") else None
         step = int(st["step"])
         history = st["history"]
+        window = list(st.get("window") or [])
+        if di.master:
+            # a SIGKILL can leave the files written after the checkpoint (run folder, best/, last/)
+            # older than it: rewrite them from the checkpoint's state
+            if on_checkpoint is not None:
+                on_checkpoint(history)
+        if di.ddp:
+            dist.barrier()
+    else:
+        window = []
 
     sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, di.rank, di.world, seed=cfg.seed)
     bar = tqdm(total=total, initial=step, desc=desc, disable=not di.master or not _bar_enabled(), dynamic_ncols=True)
-    t0, seen, window = time.perf_counter(), 0, []
+    t0, seen = time.perf_counter(), 0
     model.train()
 
     def checkpoint() -> None:
+        history["step"] = step
         if di.master:
+            # the checkpoint first, then (on_checkpoint) the files derived from it: a kill in between
+            # is repaired on resume, which rewrites them from the checkpoint
             save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(),
                                         "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                                        "step": step, "history": history,
+                                        "step": step, "history": history, "window": window,
                                         "config": _plain(cfg.to_dict())})
             if on_checkpoint is not None:
                 on_checkpoint(history)
@@ -359,7 +374,7 @@ def run_loop(model: nn.Module, step_fn: StepFn, train_set: Dataset, test_set: Da
                     rec = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
                     rec.update(step=step, epoch=step / spe, lr=opt.param_groups[0]["lr"],
                                images_per_s=seen / max(1e-9, time.perf_counter() - t0))
-                    window = []
+                    window.clear()
                     history["log"].append(rec)
                     bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in rec.items()
                                      if k in ("loss", "acc", "attn", "mlp", "token")}, refresh=False)
@@ -383,6 +398,7 @@ def run_loop(model: nn.Module, step_fn: StepFn, train_set: Dataset, test_set: Da
     finally:
         bar.close()
     history["complete"] = step >= total
+    history["step"] = step
     history["train_seconds"] = history.get("train_seconds", 0.0) + (time.perf_counter() - t0)
     return history
 
