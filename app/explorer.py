@@ -39,6 +39,46 @@ VIEWS = ("attention", "mlp", "tokens", "image", "layers", "scores", "history", "
 DEFAULT_FLOPS = 0.6
 
 
+# ====================================================================== input coercion
+# Callbacks get whatever a client sends (the page's own requests can be crafted): numbers may be None,
+# NaN, inf, huge or text, run keys anything. These turn them into safe values or a one-line VitSlimError.
+def _number(v: Any, default: float) -> float:
+    """A finite float from ``v`` (numbers or numeric text), else ``default``."""
+    if isinstance(v, bool):
+        return float(v)
+    try:
+        v = float(v)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return v if math.isfinite(v) else default
+
+
+def _index(v: Any, default: int = 0, lo: int = 0, hi: int = 1_000_000) -> int:
+    """An int in [lo, hi] from ``v`` (a layer or sample index), else ``default``."""
+    return int(min(hi, max(lo, _number(v, default))))
+
+
+def _text(v: Any, default: str = "") -> str:
+    return v if isinstance(v, str) else default
+
+
+def _image_state(image: Any) -> dict | None:
+    """The session image if it is one this app made ({"name", "tensor", "label"}), else None."""
+    import torch
+    if isinstance(image, dict) and isinstance(image.get("tensor"), torch.Tensor) and image["tensor"].ndim == 4 \
+            and image["tensor"].is_floating_point():
+        return image
+    return None
+
+
+def _eval_rows(evals: Any) -> list[dict]:
+    """This session's evaluations (a list of dicts with a run key and numbers), garbage dropped."""
+    if not isinstance(evals, list):
+        return []
+    return [e for e in evals if isinstance(e, dict) and isinstance(e.get("run_key"), str)
+            and all(isinstance(e.get(k), (int, float)) and math.isfinite(e[k]) for k in ("flops_ratio", "top1"))]
+
+
 # ====================================================================== budgets
 @dataclass(frozen=True)
 class Budget:
@@ -53,12 +93,7 @@ class Budget:
     @classmethod
     def of(cls, mode: str | None, flops: float | None, attn: float | None = None, mlp: float | None = None,
            token: float | None = None) -> "Budget":
-        def num(v: Any, default: float) -> float:
-            try:
-                v = float(v)
-            except (TypeError, ValueError):
-                return default
-            return v if math.isfinite(v) else default
+        num = _number
         return cls("ratios" if mode == "ratios" else "flops", num(flops, DEFAULT_FLOPS), num(attn, 1.0),
                    num(mlp, 1.0), num(token, 1.0))
 
@@ -119,7 +154,7 @@ def run_summary(run: OpenRun) -> str:
     """One line about a run's model, shown under the run selector."""
     from vitslim_core.cost import count_cost
     s = run.spec
-    name = (run.scores.model_recipe or {}).get("name") or s.model_name or "model"
+    name = str((run.scores.model_recipe or {}).get("name") or s.model_name or "model")
     w = "" if run.has_weights else " · **scores only**"
     c = count_cost(s)
     return (f"`{html.escape(name)}` · {s.depth} blocks · {s.num_heads}×{s.head_dim} attention · MLP {s.mlp_hidden} · "
@@ -133,7 +168,7 @@ def run_info_markdown(run: OpenRun) -> str:
     s = run.spec
     c = count_cost(s)
     meta = run.scores.meta
-    name = (run.scores.model_recipe or {}).get("name") or s.model_name or "unknown model"
+    name = str((run.scores.model_recipe or {}).get("name") or s.model_name or "unknown model")
     data = meta.get("data") or {}
     search = meta.get("search") or {}
     ev = meta.get("eval") or {}
@@ -147,11 +182,13 @@ def run_info_markdown(run: OpenRun) -> str:
              f"| dense cost | {_fmt_flops(c.macs)}FLOPs, {_fmt_params(c.params)} params |",
              f"| mask mode | {run.scores.attn_mode} |"]
     if data:
-        lines.append(f"| data | {html.escape(str(data.get('name', '?')))}, {data.get('num_classes', s.num_classes)} "
-                     f"classes, input {'×'.join(str(v) for v in data.get('input_size', []))} |")
+        size = data.get("input_size")
+        lines.append(f"| data | {html.escape(str(data.get('name', '?')))}, "
+                     f"{html.escape(str(data.get('num_classes', s.num_classes)))} classes, input "
+                     f"{'×'.join(html.escape(str(v)) for v in (size if isinstance(size, list) else []))} |")
     if search:
         w = ", ".join(f"{k} {search[k]:g}" for k in ("w_attn", "w_mlp", "w_token") if isinstance(search.get(k), (int, float)))
-        lines.append(f"| search | {search.get('epochs', '?')} epochs, {w} |")
+        lines.append(f"| search | {html.escape(str(search.get('epochs', '?')))} epochs, {w} |")
     if ev.get("top1") is not None:
         lines.append(f"| masked model | top-1 {ev['top1']:.1f}% on the test split |")
     lines.append(f"| weights | {'yes: accuracy, prediction and retraining available' if run.has_weights else '**no** (scores only: budgets and maps work; accuracy, prediction and retraining need model.safetensors)'} |")
@@ -233,7 +270,8 @@ class Explorer:
 
     def image_for(self, run: OpenRun, image: dict | None) -> dict | None:
         """The session's image if it fits the run's input, else the run's first sample."""
-        if image and image.get("tensor") is not None:
+        image = _image_state(image)
+        if image is not None:
             t = image["tensor"]
             if tuple(t.shape[1:]) == (run.spec.in_chans, *run.spec.img_size):
                 return image
@@ -263,10 +301,12 @@ class Explorer:
             shows the message and everything else is left as it was.
         """
         skip = gr.skip()
+        view = _text(view)
         want = set(LIVE_OUTPUTS) if view == "all" else VIEW_OUTPUTS.get(view, set())
         try:
             run = self.run(run_key)
             res = self.plan(run, Budget.of(mode, flops, attn, mlp, token))
+            img = self.image_for(run, image) if want & {"overlay", "strip"} else None
         except VitSlimError as e:
             return (_error_html(_one_line(e)),) + (skip,) * 8
         plan, sc = res.plan, run.scores
@@ -279,15 +319,15 @@ class Explorer:
         out = [readout_html(plan, res.note)] + [draw[k]() if k in want else skip for k in LIVE_OUTPUTS[1:7]]
         overlay = strip = skip
         if want & {"overlay", "strip"}:
-            img = self.image_for(run, image)
             if img is not None:
-                overlay = viz.token_overlay(img["tensor"], plan, int(layer or 0), run.data_cfg)
+                overlay = viz.token_overlay(img["tensor"], plan, _index(layer), run.data_cfg)
                 strip = viz.token_strip(img["tensor"], plan, run.data_cfg)
         return tuple(out) + (overlay, strip)
 
     def show_view(self, view: str, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
                   layer: float, sort: bool, image: dict | None) -> tuple:
         """A tab was selected: remember it and draw its views. Returns (view,) + ``budget_views``."""
+        view = _text(view)
         return (view,) + self.budget_views(run_key, mode, flops, attn, mlp, token, layer, sort, image, view)
 
     def heavy_views(self, view: str, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
@@ -300,6 +340,7 @@ class Explorer:
         """
         skip = gr.skip()
         pred = pred_md = acc = hist = skip
+        view = _text(view)
         if view == "image":
             pred, pred_md = self.predict(run_key, mode, flops, attn, mlp, token, image)
         elif view == "accuracy":
@@ -314,12 +355,12 @@ class Explorer:
         try:
             run = self.run(run_key)
             plan = self.plan(run, Budget.of(mode, flops, attn, mlp, token)).plan
+            img = self.image_for(run, image)
         except VitSlimError:
             return gr.skip(), gr.skip()
-        img = self.image_for(run, image)
         if img is None:
             return None, None
-        return (viz.token_overlay(img["tensor"], plan, int(layer or 0), run.data_cfg),
+        return (viz.token_overlay(img["tensor"], plan, _index(layer), run.data_cfg),
                 viz.token_strip(img["tensor"], plan, run.data_cfg))
 
     def score_figure(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float) -> Any:
@@ -341,14 +382,14 @@ class Explorer:
         """
         try:
             run = self.run(run_key)
+            samples = run.samples()
+            img = self.image_for(run, image)
         except VitSlimError as e:
             gr.Warning(_one_line(e))
             return (gr.skip(),) * 5 + (f"**Cannot open this run:** {html.escape(_one_line(e))}",)
-        samples = run.samples()
-        img = self.image_for(run, image)
         gallery = [s.thumb for s in samples]  # names appear under the prediction once picked
         depth = run.spec.depth
-        layer_update = gr.update(maximum=depth - 1, value=min(int(layer or 0), depth - 1))
+        layer_update = gr.update(maximum=depth - 1, value=min(_index(layer), depth - 1))
         return (run_info_markdown(run), viz.history_figure(run.history), gallery, img, layer_update,
                 run_summary(run))
 
@@ -360,9 +401,9 @@ class Explorer:
         """
         if not files:
             return gr.skip(), ""
-        files = [files] if isinstance(files, (str, Path)) else list(files)
+        files = list(files) if isinstance(files, (list, tuple)) else [files]
         try:
-            run = self.registry.add_upload([str(getattr(f, "name", f)) for f in files])
+            run = self.registry.add_upload([getattr(f, "name", f) for f in files])
         except VitSlimError as e:
             msg = _one_line(e)
             gr.Warning(msg)
@@ -375,15 +416,18 @@ class Explorer:
 
     # ------------------------------------------------------------------ images
     def pick_sample(self, run_key: str, index: int) -> dict | None:
-        """The image state of the run's sample ``index``."""
-        run = self.run(run_key)
-        samples = run.samples()
+        """The image state of the run's sample ``index`` (gr.Error for a run that cannot be opened)."""
+        try:
+            samples = self.run(run_key).samples()
+        except VitSlimError as e:
+            raise gr.Error(_one_line(e)) from None
         if not samples:
             return None
-        return self._image_state(samples[int(index) % len(samples)])
+        return self._image_state(samples[_index(index) % len(samples)])
 
     def on_gallery_select(self, run_key: str, evt: gr.SelectData) -> dict | None:
-        return self.pick_sample(run_key, evt.index if isinstance(evt.index, int) else evt.index[0])
+        index = evt.index[0] if isinstance(evt.index, (list, tuple)) and evt.index else evt.index
+        return self.pick_sample(run_key, index)
 
     def upload_image(self, run_key: str, path: str | None, image: dict | None) -> tuple[dict | None, str]:
         """Preprocess an uploaded image like the model's data (any size, grayscale or RGBA).
@@ -393,9 +437,12 @@ class Explorer:
         """
         if not path:
             return gr.skip(), ""
-        path = str(getattr(path, "name", path))
+        path = getattr(path, "name", path)
         from vitslim_core.data import image_to_tensor, load_image
         try:
+            if not isinstance(path, (str, Path)) or "\x00" in str(path):
+                raise DataError(f"an image upload is a file path, not {str(path)[:40]!r}")
+            path = str(path)
             run = self.run(run_key)
             img = load_image(path)
             w, h = img.size
@@ -488,7 +535,7 @@ class Explorer:
             current = {"flops_ratio": self.plan(run, Budget.of(mode, flops, attn, mlp, token)).plan.flops_ratio}
         except VitSlimError:
             current = None
-        extra = [e for e in (evals or []) if e.get("run_key") == run.key]
+        extra = [e for e in _eval_rows(evals) if e["run_key"] == run.key]
         extra += self.job.results_for(run.key)
         return viz.accuracy_curve_figure(rows, current=current, extra=extra)
 
@@ -520,7 +567,7 @@ class Explorer:
         Returns:
             (result markdown, accuracy figure, updated list of this session's evaluations)
         """
-        evals = list(evals or [])
+        evals = _eval_rows(evals)
         try:
             run = self.run(run_key)
             budget = Budget.of(mode, flops, attn, mlp, token)
@@ -558,6 +605,7 @@ class Explorer:
             run = self.run(run_key)
             if not run.has_weights:
                 raise MissingWeightsError(run.missing_weights_message("The accuracy curve"))
+            run.check_dataset()
             progress(0.0, desc="slimming and evaluating")
 
             def cb(i: int, n: int, row: dict) -> None:
@@ -632,12 +680,15 @@ class Explorer:
             run = self.run(run_key)
             if not run.has_weights:
                 raise MissingWeightsError(run.missing_weights_message("Retraining"))
+            run.check_dataset()
             budget = Budget.of(mode, flops, attn, mlp, token)
             self.plan(run, budget)  # fail early on impossible budgets
-            epochs_i = int(epochs) if epochs is not None else 1
-            steps_i, lr_f = int(max_steps or 0), float(lr if lr is not None else 2e-4)
-            if epochs_i < 1 or steps_i < 0 or not (0 < lr_f < 1):
-                raise VitSlimError("epochs must be >= 1, max steps >= 0 and the learning rate in (0, 1)")
+            nan = float("nan")
+            epochs_f = _number(epochs, nan) if epochs is not None else 1.0
+            steps_f, lr_f = _number(max_steps or 0, nan), _number(lr, nan) if lr is not None else 2e-4
+            if not (1 <= epochs_f <= 10_000 and 0 <= steps_f <= 1e9 and 0 < lr_f < 1):
+                raise VitSlimError("epochs must be 1 to 10000, max steps >= 0 and the learning rate in (0, 1)")
+            epochs_i, steps_i = int(epochs_f), int(steps_f)
             out = self.workdir / "retrain" / f"job-{time.strftime('%Y%m%d-%H%M%S')}-{budget.slug()}"
             req = RetrainRequest(run_key=run.key, run_label=run.label, out=out, budget=budget.retrain_kwargs(),
                                  budget_text=budget.text(), epochs=epochs_i, lr=lr_f, distill=bool(distill),
@@ -709,10 +760,13 @@ class Explorer:
     # ------------------------------------------------------------------ URL state
     def url_state(self, query: dict[str, str]) -> dict[str, Any]:
         """Read ``?flops=0.6&view=tokens`` (and mode, attn, mlp, token, layer, run) from the page URL."""
+        query = {k: v for k, v in query.items() if isinstance(k, str) and isinstance(v, str)} \
+            if isinstance(query, dict) else {}
+
         def num(k: str, lo: float, hi: float) -> float | None:
             try:
                 v = float(query[k])
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):
                 return None
             return min(hi, max(lo, v)) if math.isfinite(v) else None
         out: dict[str, Any] = {}
@@ -744,7 +798,10 @@ class Explorer:
         Returns:
             updates of (run, mode, flops, attn, mlp, token, layer, tabs) and the view on screen.
         """
-        q = dict(getattr(request, "query_params", {}) or {}) if request is not None else {}
+        try:
+            q = dict(getattr(request, "query_params", {}) or {}) if request is not None else {}
+        except (TypeError, ValueError):
+            q = {}
         st = self.url_state(q)
         upd = lambda k: gr.update(value=st[k]) if k in st else gr.skip()  # noqa: E731
         tabs = gr.Tabs(selected=st["view"]) if "view" in st else gr.skip()
@@ -784,12 +841,14 @@ class Explorer:
             raise gr.Error("give an image")
         from vitslim_core.data import image_to_tensor, load_image
         try:
+            if not isinstance(image, (str, Path)) or "\x00" in str(image):
+                raise DataError("give the image as a file")
             run = self.run(None)
             plan = self.plan(run, Budget.of("flops", budget)).plan
             x = image_to_tensor(load_image(image), run.data_cfg, dataset=run.dataset_name)
         except (VitSlimError, OSError, ValueError) as e:
             raise gr.Error(_one_line(e)) from None
-        return viz.token_overlay(x, plan, int(layer), run.data_cfg)
+        return viz.token_overlay(x, plan, _index(layer), run.data_cfg)
 
     def api_evaluate(self, budget: float) -> dict:
         """Test accuracy of the default run's searched model slimmed to FLOPs ratio ``budget`` (no retraining).

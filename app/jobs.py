@@ -4,18 +4,78 @@ Retraining takes the CPU (or GPU) of the whole machine, so a second user who pre
 that a job is running instead of starting another one. The job runs ``vitslim_core.retrain.retrain``
 in a daemon thread; ``stop()`` makes its ``should_stop`` return True, the training loop saves a
 checkpoint and returns, and the job still packages what it has.
+
+The job is background work: people moving a slider come first. Its thread runs at a lower OS priority
+(``nice``), leaves one core to the app (``torch.set_num_threads``), and before each training step waits
+briefly while interactive requests are being served (``ACTIVITY``, fed by the page's live events), so a
+retraining job does not make the slider lag; the job slows down instead, and never stops.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
+import os
 import shutil
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+
+class Activity:
+    """Interactive requests in flight (slider moves), so background work can let them go first."""
+
+    def __init__(self, linger: float = 0.05) -> None:
+        """Args: linger: seconds after the last interactive request during which the app still counts as
+        busy (the response is still being encoded and sent when the callback returns)."""
+        self.linger = linger
+        self._cond = threading.Condition()
+        self._active = 0
+        self._last = 0.0
+
+    @contextlib.contextmanager
+    def interactive(self) -> Iterator[None]:
+        with self._cond:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._last = time.monotonic()
+                self._cond.notify_all()
+
+    def wrap(self, fn: Callable) -> Callable:
+        """``fn`` counted as interactive (keeps its signature for Gradio)."""
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self.interactive():
+                return fn(*args, **kwargs)
+        return wrapper
+
+    def busy(self) -> bool:
+        with self._cond:
+            return self._active > 0 or time.monotonic() - self._last < self.linger
+
+    def wait_quiet(self, max_wait: float) -> float:
+        """Wait until no interactive request is in flight (or ``max_wait`` seconds); returns the wait."""
+        t0 = time.monotonic()
+        end = t0 + max_wait
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                quiet_at = self._last + self.linger
+                if (self._active == 0 and now >= quiet_at) or now >= end:
+                    return now - t0
+                self._cond.wait(min(end, max(quiet_at, now + 0.005)) - now)
+
+
+ACTIVITY = Activity()
+"""The process-wide tracker: the app's live events enter it, the retraining job yields to it."""
 
 
 class JobBusyError(RuntimeError):
@@ -78,9 +138,21 @@ class RetrainRequest:
 class RetrainJob:
     """Runs at most one retraining at a time and keeps the results of finished ones."""
 
-    def __init__(self, runner: Callable[..., Any] | None = None) -> None:
-        """Args: runner: replaces ``vitslim_core.retrain.retrain`` (tests, other back-ends)."""
+    def __init__(self, runner: Callable[..., Any] | None = None, nice: int = 10, yield_s: float = 0.25,
+                 activity: Activity | None = None, threads: int | None = None) -> None:
+        """Args:
+            runner: replaces ``vitslim_core.retrain.retrain`` (tests, other back-ends).
+            nice: added to the OS priority (niceness) of the job's thread (0: unchanged; Linux only).
+            yield_s: before each training step, wait up to this long while interactive requests are
+                being served (0: never wait).
+            activity: the tracker of interactive requests (default: ``ACTIVITY``).
+            threads: torch threads for the job (default: all cores but one, at least 1; never more
+                than torch already uses).
+        """
         self.runner = runner
+        self.nice, self.yield_s, self.threads = nice, yield_s, threads
+        self.activity = activity or ACTIVITY
+        self.yielded_s = 0.0  # seconds the current/last job waited for interactive requests
         self._lock = threading.Lock()
         self._status = JobStatus()
         self._stop = threading.Event()
@@ -154,8 +226,35 @@ class RetrainJob:
                 if self._max_steps > 0:
                     st.total_steps = min(st.total_steps, self._max_steps)
 
+    def _background(self) -> Callable[[], None]:
+        """Lower this thread's priority and torch threads; returns the function that restores torch's."""
+        if self.nice and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+            try:  # on Linux the niceness of one thread (it applies to the threads it starts, too)
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.nice))
+            except OSError:
+                pass
+        try:
+            import torch
+        except ImportError:
+            return lambda: None
+        old = torch.get_num_threads()
+        want = self.threads or max(1, (os.cpu_count() or 1) - 1)
+        if want < old:
+            torch.set_num_threads(want)
+            return lambda: torch.set_num_threads(old)
+        return lambda: None
+
+    def _should_stop(self) -> bool:
+        """Polled before every training step: let interactive requests go first, then report Stop."""
+        if self.yield_s > 0 and not self._stop.is_set():
+            self.yielded_s += self.activity.wait_quiet(self.yield_s)
+        return self._stop.is_set()
+
     def _run(self, job_id: int, req: RetrainRequest, runner: Callable[..., Any] | None) -> None:
         self._epochs, self._max_steps = req.epochs, req.max_steps
+        self.yielded_s = 0.0
+        restore = self._background()
         try:
             from vitslim_core.retrain import RetrainConfig, retrain
             runner = runner or retrain
@@ -165,7 +264,7 @@ class RetrainJob:
                                 max_steps=req.max_steps, batch_size=req.batch_size,
                                 log_every=1 if (req.max_steps and req.max_steps <= 100) else 5, **req.budget)
             self._update(state="running")
-            result = runner(cfg, on_log=self._on_log, should_stop=self._stop.is_set)
+            result = runner(cfg, on_log=self._on_log, should_stop=self._should_stop)
             stopped = bool(result.history.get("stopped")) or self._stop.is_set()
             self._update(state="packaging", note="packaging the slim model...")
             info = self._package(out, result, req.evaluate, stopped)
@@ -186,6 +285,8 @@ class RetrainJob:
                 msg = f"{type(e).__name__}: {msg}"
                 traceback.print_exc()
             self._update(state="failed", error=msg, finished=time.time(), note="")
+        finally:
+            restore()
 
     def _package(self, out: Path, result: Any, evaluate: Callable[[Any], float] | None,
                  stopped: bool) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import threading
@@ -16,10 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitslim_core.errors import ScoreFileError, VitSlimError
+from vitslim_core.errors import DataError, ScoreFileError, VitSlimError
 from vitslim_core.scores import MaskScores
 
 MAX_HISTORY_BYTES = 64 << 20
+# datasets an uploaded run may name: built in, nothing read from or written to the server's disk
+UPLOAD_DATASETS = ("digits", "synthetic")
+MAX_UPLOAD_SYNTHETIC = 10_000
 
 
 class MissingWeightsError(VitSlimError):
@@ -63,7 +67,7 @@ class OpenRun:
 
     @property
     def data_cfg(self) -> dict[str, Any]:
-        d = dict(self.scores.meta.get("data") or {})
+        d = {k: v for k, v in (self.scores.meta.get("data") or {}).items() if v is not None}
         s = self.spec
         d.setdefault("input_size", [s.in_chans, *s.img_size])
         d.setdefault("mean", [0.5] * s.in_chans)
@@ -73,6 +77,21 @@ class OpenRun:
     @property
     def dataset_name(self) -> str | None:
         return (self.scores.meta.get("data") or {}).get("name")
+
+    def check_dataset(self) -> None:
+        """Refuse datasets an uploaded run must not use: an uploaded score file could otherwise make the
+        server read an image folder or download CIFAR into any path it names (or make a huge data set)."""
+        name = self.dataset_name
+        if not self.uploaded or not name:
+            return
+        kind, _, arg = name.strip().partition(":")
+        ok = kind.lower() == "digits" and not arg
+        if kind.lower() == "synthetic":
+            ok = not arg or (arg.isdigit() and 0 < int(arg) <= MAX_UPLOAD_SYNTHETIC)
+        if not ok:
+            raise DataError(f"uploaded run '{self.label}' names the dataset {name[:60]!r}; uploaded runs can only "
+                            f"use the built-in datasets ({', '.join(UPLOAD_DATASETS)}, synthetic:N up to "
+                            f"{MAX_UPLOAD_SYNTHETIC:,}): evaluate and retrain it with the command line")
 
     def missing_weights_message(self, what: str) -> str:
         return (f"{what} needs the searched weights, but run '{self.label}' has only its scores "
@@ -105,6 +124,7 @@ class OpenRun:
                 name = self.dataset_name
                 if not name:
                     raise VitSlimError(f"run '{self.label}' does not name its dataset")
+                self.check_dataset()
                 self._data = load_for(self.data_cfg, name, augment=augment)
             return self._data
 
@@ -177,6 +197,42 @@ def _run_label(folder: Path, bundled: bool) -> str:
     return folder.name or str(folder)
 
 
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _records(rows: Any, need: tuple[str, ...], keys: tuple[str, ...]) -> list[dict]:
+    """The dict rows of a history list that have numbers under ``need``, with only their numeric ``keys``."""
+    if not isinstance(rows, list):
+        return []
+    out = []
+    for r in rows:
+        if isinstance(r, dict) and all(_num(r.get(k)) for k in need):
+            out.append({k: r[k] for k in keys if _num(r.get(k))})
+    return out
+
+
+def clean_history(h: Any) -> dict | None:
+    """A history.json as the history figure reads it: log and eval records of finite numbers, snapshots
+    of per-layer number lists (an uploaded history is user data: anything else is dropped)."""
+    if not isinstance(h, dict):
+        return None
+    out = dict(h)
+    out["log"] = _records(h.get("log"), ("step",), ("step", "epoch", "loss", "task_loss", "acc", "attn", "mlp",
+                                                    "token"))
+    out["eval"] = _records(h.get("eval"), ("top1",), ("step", "epoch", "top1", "top5", "loss", "n"))
+    snaps = []
+    for s in h.get("snapshots") if isinstance(h.get("snapshots"), list) else []:
+        if isinstance(s, dict):
+            snap = {k: s[k] for k in ("attn", "mlp", "token")
+                    if isinstance(s.get(k), list) and all(_num(v) for v in s[k])}
+            if _num(s.get("step")):
+                snap["step"] = s["step"]
+            snaps.append(snap)
+    out["snapshots"] = snaps
+    return out
+
+
 def read_history(folder: Path) -> dict | None:
     p = folder / "history.json"
     if not p.is_file() or p.stat().st_size > MAX_HISTORY_BYTES:
@@ -185,7 +241,59 @@ def read_history(folder: Path) -> dict | None:
         h = json.loads(p.read_bytes())
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return None
-    return h if isinstance(h, dict) else None
+    return clean_history(h)
+
+
+def check_meta(scores: MaskScores, label: str) -> None:
+    """Check the descriptive parts of a score file that the app reads (data config, model recipe, search and
+    eval records, class names): a malformed one is a ScoreFileError here, not a crash in some view later.
+    The data config must describe the model's own input (an uploaded file could otherwise ask for a huge
+    image tensor)."""
+    meta, s = scores.meta, scores.spec
+
+    def bad(what: str) -> ScoreFileError:
+        return ScoreFileError(f"run '{label}' has a malformed score file: {what}")
+    if not isinstance(meta, dict):
+        raise bad("its metadata is not a JSON object")
+    for k in ("data", "model", "search", "eval"):
+        if meta.get(k) is not None and not isinstance(meta[k], dict):
+            raise bad(f"'{k}' is not a JSON object")
+    data, model = meta.get("data") or {}, meta.get("model") or {}
+    if data.get("name") is not None and not isinstance(data["name"], str):
+        raise bad("data.name is not text")
+    names = data.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)
+                                  and len(names) <= 1_000_000):
+        raise bad("data.class_names is not a list of names")
+    if "input_size" in data:
+        size = data["input_size"]
+        if not (isinstance(size, list) and len(size) == 3 and all(_num(v) for v in size)
+                and [int(v) for v in size] == [s.in_chans, *s.img_size]):
+            raise bad(f"data.input_size {str(size)[:40]} is not the model's input "
+                      f"{[s.in_chans, *s.img_size]}")
+    for k in ("mean", "std"):
+        v = data.get(k)
+        if v is None:
+            continue
+        vals = v if isinstance(v, list) else [v]
+        if not (vals and len(vals) in (1, s.in_chans) and all(_num(x) for x in vals)
+                and (k == "mean" or min(vals) > 0)):
+            raise bad(f"data.{k} must be 1 or {s.in_chans} finite numbers{' above 0' if k == 'std' else ''}")
+    for k in ("interpolation", "crop_mode"):
+        if data.get(k) is not None and not isinstance(data[k], str):
+            raise bad(f"data.{k} is not text")
+    if data.get("crop_pct") is not None and not (_num(data["crop_pct"]) and 0 < data["crop_pct"] <= 1):
+        raise bad("data.crop_pct is not a fraction in (0, 1]")
+    if model.get("name") is not None and not isinstance(model["name"], str):
+        raise bad("model.name is not text")
+    if model.get("kwargs") is not None and not isinstance(model["kwargs"], dict):
+        raise bad("model.kwargs is not a JSON object")
+    searched = (meta.get("search") or {}).get("searched")
+    if searched is not None and not isinstance(searched, dict):
+        raise bad("search.searched is not a JSON object")
+    top1 = (meta.get("eval") or {}).get("top1")
+    if top1 is not None and not _num(top1):
+        raise bad("eval.top1 is not a number")
 
 
 class RunRegistry:
@@ -211,9 +319,12 @@ class RunRegistry:
         return [(_run_label(p, p == self.bundled), str(p)) for p in self.startup]
 
     def allowed(self, key: str) -> bool:
-        if not key:
+        if not key or not isinstance(key, (str, Path)):
             return False
-        p = Path(key).resolve()
+        try:
+            p = Path(key).resolve()
+        except (OSError, ValueError, RuntimeError):  # NUL bytes, symlink loops
+            return False
         if p in self.startup:
             return True
         try:
@@ -225,10 +336,12 @@ class RunRegistry:
     def get(self, key: str | None) -> OpenRun:
         """The run of a key from the page (the default run for an empty key)."""
         key = key or self.default_key()
+        if not isinstance(key, (str, Path)):
+            raise ScoreFileError(f"a run is named by its folder, not by a {type(key).__name__}")
         if not key:
             raise ScoreFileError("no run is open: start the app with a run folder or upload a scores.safetensors")
         if not self.allowed(key):
-            raise ScoreFileError(f"run {key} is not one this app was started with")
+            raise ScoreFileError(f"run {str(key)[:200]!r} is not one this app was started with")
         folder = Path(key).resolve()
         scores_file = folder / "scores.safetensors"
         try:
@@ -242,6 +355,7 @@ class RunRegistry:
         scores = MaskScores.load(scores_file)
         uploaded = folder not in self.startup
         label = self._upload_label(folder) if uploaded else _run_label(folder, folder == self.bundled)
+        check_meta(scores, label)
         run = OpenRun(str(folder), label, folder, scores, read_history(folder), bundled=folder == self.bundled,
                       uploaded=uploaded)
         with self._lock:
@@ -250,8 +364,8 @@ class RunRegistry:
 
     def _upload_label(self, folder: Path) -> str:
         try:
-            name = json.loads((folder / "upload.json").read_text()).get("name", folder.name)
-        except (OSError, ValueError):
+            name = str(json.loads((folder / "upload.json").read_text()).get("name", folder.name))
+        except (OSError, ValueError, AttributeError):
             name = folder.name
         return f"uploaded: {name}"
 
@@ -264,7 +378,11 @@ class RunRegistry:
         from safetensors import SafetensorError, safe_open
         scores_src = weights_src = history_src = None
         for f in files:
+            if not isinstance(f, (str, Path)) or not str(f) or "\x00" in str(f):
+                raise ScoreFileError(f"an upload is a file path, not {str(f)[:40]!r}")
             f = Path(f)
+            if not f.is_file():
+                raise ScoreFileError(f"{f.name or f} is not an uploaded file")
             if f.suffix.lower() == ".json":
                 history_src = f
                 continue
@@ -285,7 +403,7 @@ class RunRegistry:
                                      f"(its format is {fmt!r})")
         if scores_src is None:
             raise ScoreFileError("upload a scores.safetensors (weights model.safetensors and history.json optional)")
-        MaskScores.load(scores_src)  # validate before keeping anything
+        check_meta(MaskScores.load(scores_src), Path(scores_src).name)  # validate before keeping anything
         digest = hashlib.sha256()
         for f in (scores_src, weights_src):
             if f is not None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -61,3 +64,374 @@ def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+# ====================================================================== a page's traffic, without a browser
+class PageError(RuntimeError):
+    """A request of ``PageClient`` failed (HTTP error, error payload, malformed or missing output)."""
+
+
+class PageClient:
+    """Talks to a launched app the way its page does, over plain HTTP (no browser, no gradio_client).
+
+    Events are found in the app's ``/config`` by the ``elem_id`` of their component and the event name
+    (``dependency("vs-flops-slider", "change")``). Queue-less events (the live slider views) are one
+    ``POST /gradio_api/run/<api_name>`` with the session hash, as the page sends them; queued events go
+    through ``/gradio_api/queue/join`` and the session's event stream. Values of ``gr.State`` inputs are
+    the server's per-session copies, so each client keeps its own ``session_hash``.
+
+    Not thread-safe: one client per thread (threads may share one ``config``).
+    """
+
+    def __init__(self, url: str, config: dict | None = None, session_hash: str | None = None,
+                 timeout: float = 60.0) -> None:
+        import secrets
+
+        import httpx
+        self.url = url.rstrip("/") + "/"
+        self.timeout = timeout
+        self.http = httpx.Client(timeout=timeout)
+        self.session_hash = session_hash or secrets.token_hex(6)
+        self.config = config if config is not None else self.http.get(self.url + "config").raise_for_status().json()
+        self.components = {c["id"]: c for c in self.config["components"]}
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "PageClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ the page's events
+    def component_id(self, elem_id: str) -> int:
+        for cid, c in self.components.items():
+            if c.get("props", {}).get("elem_id") == elem_id:
+                return cid
+        raise KeyError(f"no component with elem_id {elem_id!r}")
+
+    def dependency(self, elem_id: str, event: str, nth: int = 0) -> dict:
+        """The ``nth`` event listener with a Python function on ``event`` of the component ``elem_id``."""
+        cid = self.component_id(elem_id)
+        deps = [d for d in self.config["dependencies"]
+                if [cid, event] in [list(t) for t in d["targets"]] and d.get("backend_fn")]
+        if len(deps) <= nth:
+            raise KeyError(f"no {event!r} listener #{nth} on {elem_id!r}")
+        return deps[nth]
+
+    def then_of(self, dep: dict) -> list[dict]:
+        """The listeners chained to ``dep`` with ``.then`` (in order)."""
+        return [d for d in self.config["dependencies"] if d.get("trigger_after") == dep["id"]]
+
+    def inputs(self, dep: dict, **by_elem_id) -> list:
+        """The input values the page would send: the components' initial values, with ``by_elem_id``
+        replacing some (``gr.State`` values are kept on the server, so they are sent as None)."""
+        out = []
+        for cid in dep["inputs"]:
+            props = self.components[cid].get("props", {})
+            eid = props.get("elem_id")
+            out.append(by_elem_id[eid] if eid in by_elem_id else props.get("value"))
+        return out
+
+    def _body(self, dep: dict, data: list, trigger: int | None) -> dict:
+        targets = dep.get("targets") or []
+        trigger = trigger if trigger is not None else (targets[0][0] if targets else None)
+        return {"data": data, "event_data": None, "fn_index": dep["id"], "trigger_id": trigger,
+                "session_hash": self.session_hash}
+
+    def run(self, dep: dict, data: list, trigger: int | None = None) -> list:
+        """A queue-less event (``queue=False``): returns the output values."""
+        name = dep.get("api_name") or "predict"
+        r = self.http.post(f"{self.url}gradio_api/run/{name}", json=self._body(dep, data, trigger))
+        if r.status_code != 200:
+            raise PageError(f"HTTP {r.status_code}: {r.text[:200]}")
+        body = r.json()
+        if body.get("error") or not isinstance(body.get("data"), list):
+            raise PageError(f"error payload: {str(body)[:200]}")
+        if len(body["data"]) != len(dep["outputs"]):
+            raise PageError(f"{len(body['data'])} outputs, expected {len(dep['outputs'])}")
+        return body["data"]
+
+    def submit(self, dep: dict, data: list, trigger: int | None = None, timeout: float | None = None,
+               on_update=None) -> list:
+        """A queued event: joins the queue and reads the session's stream until the event completes.
+
+        ``on_update(outputs)`` is called with the outputs of each intermediate yield of a generator.
+        Raises ``PageError`` on an error, a full queue (HTTP 503: the app is busy) or after ``timeout``."""
+        import json
+        import time as _time
+        end = _time.monotonic() + (timeout or self.timeout)
+        r = self.http.post(f"{self.url}gradio_api/queue/join", json=self._body(dep, data, trigger))
+        if r.status_code != 200:
+            raise PageError(f"HTTP {r.status_code} joining the queue: {r.text[:200]}")
+        event_id = r.json()["event_id"]
+        with self.http.stream("GET", f"{self.url}gradio_api/queue/data",
+                              params={"session_hash": self.session_hash}) as s:
+            if s.status_code != 200:
+                raise PageError(f"HTTP {s.status_code} on the event stream")
+            for line in s.iter_lines():
+                if _time.monotonic() > end:
+                    raise PageError(f"no result after {timeout or self.timeout:.0f} s")
+                if not line.startswith("data:"):
+                    continue
+                msg = json.loads(line[5:])
+                kind = msg.get("msg")
+                if kind == "close_stream":
+                    break
+                if msg.get("event_id") not in (None, event_id):
+                    continue
+                if kind == "unexpected_error":
+                    raise PageError(f"unexpected error: {msg.get('message')}")
+                if kind == "process_generating" and on_update is not None and msg.get("success"):
+                    on_update(msg["output"].get("data"))
+                if kind == "process_completed":
+                    if not msg.get("success"):
+                        raise PageError(f"failed: {str(msg.get('output'))[:200]}")
+                    out = msg["output"].get("data")
+                    if not isinstance(out, list):
+                        raise PageError(f"no output data: {str(msg)[:200]}")
+                    return out
+        raise PageError("the event stream ended without a result")
+
+    def fetch_files(self, outputs: list) -> int:
+        """GET every file the outputs point to (as the page loads the images it is sent); returns bytes read."""
+        n = 0
+        for v in outputs:
+            if isinstance(v, dict) and v.get("url") and (v.get("meta") or {}).get("_type") == "gradio.FileData":
+                r = self.http.get(v["url"] if v["url"].startswith("http") else self.url + v["url"].lstrip("/"))
+                if r.status_code != 200 or not r.content:
+                    raise PageError(f"HTTP {r.status_code} fetching {v['url'][-60:]}")
+                n += len(r.content)
+        return n
+
+
+# ====================================================================== load: many pages moving the budget
+LIVE_VIEWS = ("attention", "mlp", "tokens", "image", "layers", "scores")
+
+
+@dataclass
+class LoadRecord:
+    kind: str      # "slider" (change event + its images), "release", "tab", "timer"
+    start: float   # time.monotonic() when sent
+    ms: float
+    error: str = ""
+
+
+@dataclass
+class LoadResult:
+    """What ``slider_load`` measured: one record per request, plus the clients' setup errors."""
+
+    clients: int
+    seconds: float
+    records: list = field(default_factory=list)
+    setup_errors: list = field(default_factory=list)
+
+    def of(self, kind: str) -> list:
+        return [r for r in self.records if r.kind == kind]
+
+    def errors(self, kind: str | None = None) -> list[str]:
+        return [r.error for r in self.records if r.error and (kind is None or r.kind == kind)] + (
+            list(self.setup_errors) if kind is None else [])
+
+    def stats(self, kind: str = "slider") -> dict:
+        """served (successful requests), errors, p50/p95/max latency in ms, throughput per second."""
+        recs = self.of(kind)
+        ok = sorted(r.ms for r in recs if not r.error)
+
+        def pct(p: float) -> float:
+            return ok[min(len(ok) - 1, int(round(p * (len(ok) - 1))))] if ok else float("nan")
+        return {"kind": kind, "served": len(ok), "errors": len(recs) - len(ok), "p50": pct(0.5), "p95": pct(0.95),
+                "max": ok[-1] if ok else float("nan"), "per_s": len(ok) / self.seconds if self.seconds else 0.0}
+
+
+class _Releases:
+    """A page's release events: sent in the background (the page does not wait for them), at most one in
+    flight and only the latest one pending (``trigger_mode="always_last"``). Latency: from the release to
+    its result, including the wait behind the page's previous release."""
+
+    def __init__(self, pc: "PageClient", dep: dict, out: list, timeout: float) -> None:
+        self.pc, self.dep, self.out, self.timeout = pc, dep, out, timeout
+        self._cond = threading.Condition()
+        self._pending: tuple[float, list] | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="load-client-releases")
+        self._thread.start()
+
+    def send(self, data: list) -> None:
+        with self._cond:
+            self._pending = (time.monotonic(), data)
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                t, data = self._pending
+                self._pending = None
+            try:
+                self.pc.submit(self.dep, data, timeout=self.timeout)
+                self.out.append(LoadRecord("release", t, 1e3 * (time.monotonic() - t)))
+            except Exception as e:  # noqa: BLE001 - counted as an error of the run
+                self.out.append(LoadRecord("release", t, 1e3 * (time.monotonic() - t),
+                                           f"{type(e).__name__}: {str(e)[:200]}"))
+
+    def close(self) -> None:
+        """Drop what is pending and wait (bounded) for the release in flight."""
+        with self._cond:
+            self._closed = True
+            self._pending = None
+            self._cond.notify()
+        self._thread.join(self.timeout + 5)
+        self.pc.close()
+
+
+def _client_loop(url: str, config: dict, index: int, view: str | None, clock: dict, start: threading.Barrier,
+                 budget: tuple[float, float, float], drag: int, counter: "RequestBudget", out: list,
+                 setup_errors: list, timer_every: float, seed: int, timeout: float) -> None:
+    """One page: picks its tab, waits for the others (``start``), then drags the FLOPs slider (``drag``
+    change events, then a release) until ``clock["end"]`` or until ``counter`` runs out, and polls the
+    job line like the page's timer."""
+    import random
+    rng = random.Random(seed * 1000 + index)
+    lo, hi, step = budget
+    n_steps = int(round((hi - lo) / step))
+    value = lo + step * rng.randint(0, n_steps)
+    pc = releases = change = None
+
+    def timed(kind: str, fn) -> Any:
+        t = time.monotonic()
+        try:
+            res = fn()
+        except Exception as e:  # noqa: BLE001 - every failure is counted, none stops the client
+            out.append(LoadRecord(kind, t, 1e3 * (time.monotonic() - t), f"{type(e).__name__}: {str(e)[:200]}"))
+            return None
+        out.append(LoadRecord(kind, t, 1e3 * (time.monotonic() - t)))
+        return res
+
+    try:
+        pc = PageClient(url, config=config, timeout=timeout)
+        slider = "vs-flops-slider"
+        change = pc.dependency(slider, "change")
+        release = pc.dependency(slider, "release")
+        timer = next(d for d in config["dependencies"]
+                     if d.get("backend_fn") and any(t[1] == "tick" for t in d["targets"]))
+        if view and view != "attention":  # the page opens on the attention tab
+            tab = next(c["id"] for c in config["components"]
+                       if c.get("type") == "tabitem" and c.get("props", {}).get("id") == view)
+            sel = next(d for d in config["dependencies"]
+                       if d.get("backend_fn") and [tab, "select"] in [list(t) for t in d["targets"]])
+
+            def pick() -> None:
+                pc.submit(sel, pc.inputs(sel, **{slider: value}), trigger=tab)
+                for d in pc.then_of(sel):
+                    pc.submit(d, pc.inputs(d, **{slider: value}), trigger=tab)
+            timed("tab", pick)
+        if drag:
+            releases = _Releases(PageClient(url, config=config, session_hash=pc.session_hash, timeout=timeout),
+                                 release, out, timeout)
+    except Exception as e:  # noqa: BLE001 - a client that cannot start is an error of the run
+        setup_errors.append(f"client {index}: {type(e).__name__}: {e}")
+    try:
+        start.wait(timeout + 5)
+    except threading.BrokenBarrierError:
+        setup_errors.append(f"client {index}: the clients did not all start within {timeout + 5:.0f} s")
+        return
+    if pc is None or change is None:
+        return
+    try:
+        next_tick = time.monotonic() + rng.uniform(0, timer_every) if timer_every else float("inf")
+        n = 0
+        while time.monotonic() < clock["end"] and counter.take():
+            n += 1
+            k = rng.randint(-3, 3) or 1
+            value = min(hi, max(lo, round(value + k * step, 6)))
+            data = pc.inputs(change, **{slider: value})
+
+            def move() -> None:
+                outputs = pc.run(change, data)
+                if not (isinstance(outputs[0], str) and ('id="vs-flops"' in outputs[0]
+                                                         or 'id="vs-budget-error"' in outputs[0])):
+                    raise PageError(f"the readout is not a plan: {str(outputs[0])[:120]}")
+                pc.fetch_files(outputs)
+            timed("slider", move)
+            if releases is not None and n % drag == 0:
+                releases.send(pc.inputs(release, **{slider: value}))
+            if time.monotonic() >= next_tick:
+                next_tick += timer_every
+                timed("timer", lambda: pc.run(timer, pc.inputs(timer), trigger=timer["targets"][0][0]))
+    except Exception as e:  # noqa: BLE001
+        setup_errors.append(f"client {index}: {type(e).__name__}: {e}")
+    finally:
+        if releases is not None:
+            releases.close()
+        pc.close()
+
+
+class RequestBudget:
+    """A thread-safe budget of requests (``limit`` None: unlimited); ``count`` is per calling thread."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit, self.used = limit, 0
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.limit is not None and self.used >= self.limit:
+                return False
+            self.used += 1
+        self._local.n = getattr(self._local, "n", 0) + 1
+        return True
+
+    @property
+    def count(self) -> int:
+        return getattr(self._local, "n", 0)
+
+
+def slider_load(url: str, clients: int = 16, seconds: float = 10.0, updates: int | None = None,
+                views: Sequence[str] | None = LIVE_VIEWS, drag: int = 5, timer_every: float = 2.0,
+                seed: int = 0, timeout: float = 60.0, lowest: float = 0.1) -> LoadResult:
+    """``clients`` threads, each one page of the app at ``url`` dragging the FLOPs slider to random
+    budgets on the slider's grid, for ``seconds`` (and at most ``updates`` slider moves in all).
+
+    Each page first selects its tab (``views[i % len(views)]``; None: all stay on the first tab; a
+    "tab" record); when all have, the clock starts and each sends the slider's change event and loads
+    the images it returns (one "slider" record), every ``drag`` moves the release event in the
+    background as the page does (a "release" record: the heavy view of that tab), and polls the job
+    line every ``timer_every`` seconds. Budgets below ``lowest`` are not sent. Bounded: every
+    client stops at ``seconds`` plus the ``timeout`` of a request in flight.
+    """
+    import httpx
+    config = httpx.get(url.rstrip("/") + "/config", timeout=timeout).raise_for_status().json()
+    comps = {c["id"]: c for c in config["components"]}
+    props = next(c["props"] for c in comps.values() if c.get("props", {}).get("elem_id") == "vs-flops-slider")
+    budget = (max(lowest, float(props.get("minimum", 0.0))), float(props.get("maximum", 1.0)),
+              float(props.get("step") or 0.01))
+    res = LoadResult(clients=clients, seconds=seconds)
+    counter = RequestBudget(updates)
+    clock = {"t0": 0.0, "end": 0.0}
+
+    def go() -> None:  # runs once, when every client has picked its tab
+        clock["t0"] = time.monotonic()
+        clock["end"] = clock["t0"] + seconds
+    start = threading.Barrier(clients, action=go)
+    threads = [threading.Thread(target=_client_loop, name=f"load-client-{i}", daemon=True,
+                                args=(url, config, i, views[i % len(views)] if views else None, clock, start, budget,
+                                      drag, counter, res.records, res.setup_errors, timer_every, seed, timeout))
+               for i in range(clients)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + seconds + 3 * timeout + 30
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    t0 = clock["t0"] or time.monotonic()
+    res.seconds = max(1e-9, min(time.monotonic(), clock["end"] or time.monotonic()) - t0) if updates is None \
+        else time.monotonic() - t0
+    alive = [t.name for t in threads if t.is_alive()]
+    if alive:
+        res.setup_errors.append(f"{len(alive)} clients still running after the time limit")
+    return res

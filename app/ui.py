@@ -6,6 +6,7 @@ access with the bundled demo, for ``gradio app/ui.py`` and notebooks.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import io
@@ -19,8 +20,18 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .explorer import DEFAULT_FLOPS, MODES, Explorer, run_info_markdown, run_summary  # noqa: E402
+from .jobs import ACTIVITY  # noqa: E402
 
 MAX_UPLOAD = "600mb"
+MAX_QUEUE = 100
+"""Events waiting in the queue (all pages together) before new ones are refused: the page then says
+"This application is currently busy. Please try again." instead of piling up work and memory."""
+HEAVY = dict(concurrency_id="heavy-views", concurrency_limit=1)
+"""The views drawn on slider release (matplotlib figures, predictions: 0.1-3 s each on 2 cores) share one
+worker, so however many pages release their sliders at once, they take at most one core from the live
+views (which skip the queue)."""
+API_LIMIT = 4
+"""/set_budget and /set_ratios plan cached budgets in milliseconds and are thread-safe: several at once."""
 
 CSS = """
 #vs-header h1 {margin: 0 0 4px 0; font-size: 1.55rem;}
@@ -120,6 +131,44 @@ class LiveImage(gr.Image):
         return ImageData(path=str(path), orig_name="view.png")
 
 
+SKIP = {"__type__": "update"}  # what ``gr.skip()`` returns
+
+
+class ExplorerBlocks(gr.Blocks):
+    """``gr.Blocks`` where an output left as it is (``gr.skip()``) costs nothing on the server.
+
+    Gradio treats ``gr.skip()`` like any property update: it builds a new component for the session,
+    regenerates that component's config and API schema (pydantic JSON schema, ~1.5 ms each) and sends
+    back ``{"__type__": "update"}``. The live slider event returns 9 outputs of which the tab on screen
+    uses 1-3, so that work was most of the server's time per slider move (measured with
+    ``benchmarks/bench_load.py``). Here skipped outputs are answered with the same bare update directly
+    and only the others go through Gradio's postprocessing. Anything unusual (batched functions, a
+    mismatched number of outputs) takes Gradio's own path.
+    """
+
+    async def postprocess_data(self, block_fn: Any, predictions: Any, state: Any, *args: Any, **kwargs: Any) -> Any:
+        outs = getattr(block_fn, "outputs", None)
+        if (isinstance(predictions, (list, tuple)) and outs and len(outs) > 1 and len(predictions) == len(outs)
+                and not getattr(block_fn, "batch", False) and not getattr(block_fn, "is_validator_function", False)):
+            skipped = {i for i, p in enumerate(predictions) if isinstance(p, dict) and p == SKIP}
+            bare = [None if getattr(b, "stateful", False) else dict(SKIP) for b in outs]  # as Gradio answers
+            if len(skipped) == len(outs):
+                return bare
+            if skipped:
+                keep = [i for i in range(len(outs)) if i not in skipped]
+                if len(keep) == 1:  # Gradio unwraps a single output: keep two to stay on the list path
+                    keep.append(min(skipped))
+                    keep.sort()
+                fn = copy.copy(block_fn)
+                fn.outputs = [outs[i] for i in keep]
+                done = await super().postprocess_data(fn, [predictions[i] for i in keep], state, *args, **kwargs)
+                result = bare
+                for j, i in enumerate(keep):
+                    result[i] = done[j]
+                return result
+        return await super().postprocess_data(block_fn, predictions, state, *args, **kwargs)
+
+
 def _explain(text: str) -> gr.Markdown:
     return gr.Markdown(text, elem_classes=["vs-explain"])
 
@@ -148,7 +197,7 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
     except Exception as e:  # noqa: BLE001 - a broken first run still gets a page that says so
         depth, card, summary = 12, "", f"**Cannot open the run:** {e}"
 
-    with gr.Blocks(title="ViT-Slim explorer", analytics_enabled=False) as demo:
+    with ExplorerBlocks(title="ViT-Slim explorer", analytics_enabled=False) as demo:
         demo.explorer = ex  # tests and launch_app find the callbacks object here
         image_state = gr.State(None)  # {"name", "tensor", "label"} of the image in the Image tab
         evals_state = gr.State([])    # accuracies measured in this session (points on the curve)
@@ -308,32 +357,36 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
         live_in = budget_in + [layer, sort, image_state, view_state]
         heavy_in = [view_state] + budget_in + [image_state, evals_state]
         heavy_out = [pred, pred_md, acc_plot, hist_plot]
-        # live views skip the queue: they take milliseconds, and the queue's round trips would dominate
+        # live views skip the queue: they take milliseconds, and the queue's round trips would dominate.
+        # Without the queue they run in Gradio's worker threads, as many at once as pages send them
+        # (Explorer's caches are locked); a running retraining job yields to them (ACTIVITY).
         live = dict(trigger_mode="always_last", queue=False, **quiet)
+        live_views = ACTIVITY.wrap(ex.budget_views)
+        live_overlay = ACTIVITY.wrap(ex.overlay_views)
         for ctl in (flops, attn, mlp, token):
-            ctl.change(ex.budget_views, live_in, live_out, **live)
+            ctl.change(live_views, live_in, live_out, **live)
             ctl.change(None, [mode, flops, attn, mlp, token], None, js=URL_BUDGET_JS, **private)
-            ctl.release(ex.heavy_views, heavy_in, heavy_out, trigger_mode="always_last", **quiet)
-        sort.change(ex.budget_views, live_in, live_out, **live)
+            ctl.release(ex.heavy_views, heavy_in, heavy_out, trigger_mode="always_last", **HEAVY, **quiet)
+        sort.change(live_views, live_in, live_out, **live)
         mode.change(mode_visibility, mode, [flops_group, ratio_group], **quiet).then(
-            ex.budget_views, live_in, live_out, **quiet).then(ex.heavy_views, heavy_in, heavy_out, **quiet)
+            ex.budget_views, live_in, live_out, **quiet).then(ex.heavy_views, heavy_in, heavy_out, **HEAVY, **quiet)
         mode.change(None, [mode, flops, attn, mlp, token], None, js=URL_BUDGET_JS, **private)
         overlay_in = budget_in + [layer, image_state]
-        layer.change(ex.overlay_views, overlay_in, [overlay_img, strip_img], **live)
+        layer.change(live_overlay, overlay_in, [overlay_img, strip_img], **live)
         layer.change(None, layer, None, js=URL_LAYER_JS, **private)
         for tab, view in ((tab_attention, "attention"), (tab_mlp, "mlp"), (tab_tokens, "tokens"),
                           (tab_image, "image"), (tab_layers, "layers"), (tab_scores, "scores"),
                           (tab_history, "history"), (tab_accuracy, "accuracy"), (tab_retrain, "retrain"),
                           (tab_export, "export")):
             tab.select(functools.partial(ex.show_view, view), live_in[:-1], [view_state] + live_out, **quiet).then(
-                ex.heavy_views, heavy_in, heavy_out, **quiet)
+                ex.heavy_views, heavy_in, heavy_out, **HEAVY, **quiet)
             tab.select(None, None, None, js=_url_view_js(view), **private)
 
         # runs
         open_out = [model_md, history_plot, gallery, image_state, layer, run_msg]
         run_dd.change(ex.open_run, [run_dd, image_state, layer], open_out, **private).then(
             ex.budget_views, live_in, live_out, **quiet).then(
-            ex.heavy_views, heavy_in, heavy_out, **quiet).then(
+            ex.heavy_views, heavy_in, heavy_out, **HEAVY, **quiet).then(
             ex.accuracy_note, run_dd, acc_note, **quiet)
         run_dd.change(None, run_dd, None, js=URL_RUN_JS, **private)
         run_files.upload(ex.upload_run, run_files, [run_dd, run_msg], **private)
@@ -365,13 +418,13 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
         demo.load(ex.on_load, None, [run_dd, mode, flops, attn, mlp, token, layer, tabs, view_state], **private).then(
             ex.open_run, [run_dd, image_state, layer], open_out, **quiet).then(
             ex.budget_views, live_in, live_out, **quiet).then(
-            ex.heavy_views, heavy_in, heavy_out, **quiet).then(
+            ex.heavy_views, heavy_in, heavy_out, **HEAVY, **quiet).then(
             ex.accuracy_note, run_dd, acc_note, **quiet).then(
             ex.page_ready, None, ready, **quiet)
 
         # named API endpoints (stable: used by gradio_client users)
-        gr.api(ex.api_set_budget, api_name="set_budget")
-        gr.api(ex.api_set_ratios, api_name="set_ratios")
+        gr.api(ex.api_set_budget, api_name="set_budget", concurrency_limit=API_LIMIT)
+        gr.api(ex.api_set_ratios, api_name="set_ratios", concurrency_limit=API_LIMIT)
         api_btn.click(ex.api_token_overlay, [api_image, api_layer, api_budget], api_overlay, api_name="token_overlay",
                       api_description=ex.api_token_overlay.__doc__)
         gr.api(ex.api_evaluate, api_name="evaluate", concurrency_limit=1)
@@ -385,11 +438,12 @@ def mode_visibility(mode: str) -> tuple[Any, Any]:
 
 def launch_app(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, auth: tuple[str, str] | None = None,
                open_browser: bool = False, quiet: bool = False, prevent_thread_lock: bool = False,
-               extra_allowed: Sequence[str | Path] = ()) -> Any:
-    """Launch with the app's settings: upload limit, file access only to the runs and the work dir."""
+               extra_allowed: Sequence[str | Path] = (), max_queue: int | None = MAX_QUEUE) -> Any:
+    """Launch with the app's settings: upload limit, file access only to the runs and the work dir, at
+    most ``max_queue`` events waiting in the queue (None: no limit)."""
     ex: Explorer = demo.explorer
     allowed = [str(p) for p in ex.registry.startup] + [str(ex.workdir)] + [str(p) for p in extra_allowed]
-    demo.queue(default_concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1, max_size=max_queue)
     return demo.launch(server_name=host, server_port=port, auth=auth, inbrowser=open_browser, quiet=quiet,
                        prevent_thread_lock=prevent_thread_lock, show_error=True, max_file_size=MAX_UPLOAD,
                        allowed_paths=allowed, footer_links=["api"], css=CSS, theme=THEME, ssr_mode=False)

@@ -1,4 +1,4 @@
-"""Search step vs plain fine-tuning step: time and peak memory, side by side, on CPU.
+"""Search step vs plain fine-tuning step: time and peak memory, side by side (CPU or CUDA).
 
 One step = forward, cross-entropy (+ the l1 terms for search), backward, AdamW step.
 Time: interleaved rounds in one process, median per step. Peak memory: each variant runs in a fresh
@@ -7,6 +7,7 @@ the model, the optimizer state and a warm-up step exist (the activations of one 
 
     python benchmarks/bench_search_step.py            # DeiT-S shape (img 224, batch 8) and the demo model
     python benchmarks/bench_search_step.py --quick    # smaller: DeiT-S shape at batch 4
+    python benchmarks/bench_search_step.py --device cuda [--amp]   # GPU: DeiT-S batch 64, peak = CUDA allocator
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ CASES = {
 }
 
 
+DEVICE = torch.device("cpu")
+AMP = False
+
+
 def build(case: dict, masked: bool):
     from vitslim_core import add_masks
     from vitslim_core.models import build_model
@@ -37,19 +42,20 @@ def build(case: dict, masked: bool):
     model, _ = build_model(case["name"], **case["kwargs"])
     if masked:
         add_masks(model)
-    model.train()
+    model.train().to(DEVICE)
     opt = torch.optim.AdamW(param_groups(model, 0.05, 1e-4, 1e-3), lr=1e-4)
     c, h, w = model.patch_embed.proj.in_channels, *model.patch_embed.img_size
-    x = torch.randn(case["batch"], c, h, w)
-    y = torch.randint(0, case["classes"], (case["batch"],))
+    x = torch.randn(case["batch"], c, h, w, device=DEVICE)
+    y = torch.randint(0, case["classes"], (case["batch"],), device=DEVICE)
     return model, opt, x, y
 
 
 def step(model, opt, x, y, masked: bool) -> None:
-    loss = F.cross_entropy(model(x), y)
-    if masked:
-        la, lm, lt = model.slim_masks.l1_terms()
-        loss = loss + 2e-4 * la + 5e-5 * lm + 1e-4 * lt
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=AMP):
+        loss = F.cross_entropy(model(x), y)
+        if masked:
+            la, lm, lt = model.slim_masks.l1_terms()
+            loss = loss + 2e-4 * la + 5e-5 * lm + 1e-4 * lt
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -62,11 +68,36 @@ def time_case(case: dict, rounds: int, steps: int) -> dict:
     times = {False: [], True: []}
     for _ in range(rounds):
         for m, (model, opt, x, y) in runs.items():
+            _sync()
             t = time.perf_counter()
             for _ in range(steps):
                 step(model, opt, x, y, m)
+            _sync()
             times[m].append((time.perf_counter() - t) / steps)
     return {m: statistics.median(v) for m, v in times.items()}
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def cuda_peak(case: dict, masked: bool, steps: int) -> tuple[float, float]:
+    """Peak CUDA memory (MiB) over ``steps`` steps and its growth above the state after a warm-up step."""
+    import gc
+    gc.collect()
+    torch.cuda.empty_cache()
+    model, opt, x, y = build(case, masked)
+    step(model, opt, x, y, masked)
+    _sync()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        step(model, opt, x, y, masked)
+    _sync()
+    peak = torch.cuda.max_memory_allocated()
+    del model, opt, x, y
+    return peak / 2**20, (peak - base) / 2**20
 
 
 def peak_memory(case_name: str, masked: bool, steps: int) -> float:
@@ -97,15 +128,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="batch 4 for DeiT-S, fewer rounds")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast (as vitslim search does on CUDA)")
+    ap.add_argument("--batch", type=int, help="DeiT-S batch size (default 8 on CPU, 64 on CUDA)")
     args = ap.parse_args()
+    global DEVICE, AMP
+    DEVICE, AMP = torch.device(args.device), args.amp
     torch.set_num_threads(args.threads)
     if args.quick:
         CASES["deit_small (224px)"]["batch"] = 4
     rounds, steps = (3, 2) if args.quick else (5, 3)
+    if DEVICE.type == "cuda":
+        CASES["deit_small (224px)"]["batch"] = 64
+        CASES["digits-vit demo"]["batch"] = 256
+        rounds, steps = 7, 10
+    if args.batch:
+        CASES["deit_small (224px)"]["batch"] = args.batch
     rows = []
     for name, case in CASES.items():
         t = time_case(case, rounds, steps)
-        (pk0, grow0), (pk1, grow1) = peak_memory(name, False, 2), peak_memory(name, True, 2)
+        if DEVICE.type == "cuda":
+            (pk0, grow0), (pk1, grow1) = cuda_peak(case, False, 2), cuda_peak(case, True, 2)
+        else:
+            (pk0, grow0), (pk1, grow1) = peak_memory(name, False, 2), peak_memory(name, True, 2)
         rows.append((name, case["batch"], t[False] * 1e3, t[True] * 1e3, t[True] / t[False], pk0, pk1, pk1 / pk0,
                      grow0, grow1))
     head = ("model", "batch", "plain ms/step", "search ms/step", "time ratio", "plain peak MiB", "search peak MiB",
@@ -115,7 +160,9 @@ def main() -> None:
     w = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     for row in [head, *body]:
         print("  ".join(v.rjust(n) for v, n in zip(row, w)))
-    print(f"(CPU, {args.threads} threads; target: time ratio and peak ratio <= 1.10x)")
+    where = (f"CUDA {torch.cuda.get_device_name()}{', bf16 autocast' if AMP else ', fp32'}; peak = CUDA allocator"
+             if DEVICE.type == "cuda" else f"CPU, {args.threads} threads")
+    print(f"({where}; target: time ratio and peak ratio <= 1.10x)")
 
 
 if __name__ == "__main__":

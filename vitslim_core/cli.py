@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
@@ -36,19 +37,69 @@ def _mix(text: str) -> tuple[float, float, float]:
         parts = tuple(float(p) for p in text.split(","))
     except ValueError:
         parts = ()
-    if len(parts) != 3 or any(p < 0 for p in parts):
+    if len(parts) != 3 or any(not math.isfinite(p) or p < 0 for p in parts):
         raise argparse.ArgumentTypeError("mix must be three non-negative numbers: attn,mlp,token")
     return parts  # type: ignore[return-value]
 
 
-def _positive_int(text: str) -> int:
+MAX_INT_ARG = 1 << 31  # larger counts/sizes are typos (and overflow C longs further down)
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= v <= MAX_INT_ARG:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}" if v < low else f"is too large: {v}")
+        return v
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _finite_float(low: float | None = None) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if low is not None and v < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low:g}, got {text}")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
+_number = _finite_float()
+_non_negative = _finite_float(0.0)
+
+
+def _device(text: str) -> str:
+    if text == "auto":
+        return text
+    import torch
     try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+        torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (use auto, cpu, cuda or cuda:N)") from None
+    return text
+
+
+def _resolve_device(text: str) -> str:
+    """auto -> cuda when a GPU is visible, else cpu; a CUDA device without a GPU is a clear error."""
+    import torch
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(text).type == "cuda" and not torch.cuda.is_available():
+        raise VitSlimError(f"--device {text}: no CUDA GPU is visible to PyTorch (use --device cpu)")
+    return text
 
 
 # ----------------------------------------------------------------------------- search
@@ -57,17 +108,17 @@ def _add_loop_args(p: argparse.ArgumentParser, epochs: int, lr: float, batch: in
     g.add_argument("--epochs", type=_positive_int, default=epochs, help="training epochs (default %(default)s)")
     g.add_argument("--batch-size", type=_positive_int, default=batch,
                    help="GLOBAL batch size, split over torchrun processes (default %(default)s)")
-    g.add_argument("--lr", type=float, default=lr, help="peak learning rate of AdamW (default %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default %(default)s)")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps before cosine decay")
-    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
-    g.add_argument("--grad-clip", type=float, default=0.0, help="clip gradient norm (0: off)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda (default %(default)s)")
+    g.add_argument("--lr", type=_non_negative, default=lr, help="peak learning rate of AdamW (default %(default)s)")
+    g.add_argument("--weight-decay", type=_non_negative, default=0.05, help="AdamW weight decay (default %(default)s)")
+    g.add_argument("--warmup-steps", type=_non_negative_int, default=0, help="linear warm-up steps before cosine decay")
+    g.add_argument("--max-steps", type=_non_negative_int, default=0, help="stop after this many steps (0: all epochs)")
+    g.add_argument("--grad-clip", type=_non_negative, default=0.0, help="clip gradient norm (0: off)")
+    g.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default %(default)s)")
+    g.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda (default %(default)s)")
     g.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
-    g.add_argument("--workers", type=int, default=0, help="data loader workers (default %(default)s)")
+    g.add_argument("--workers", type=_non_negative_int, default=0, help="data loader workers (default %(default)s)")
     g.add_argument("--log-every", type=_positive_int, default=10, help="history record every N steps")
-    g.add_argument("--checkpoint-every", type=int, default=0,
+    g.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
                    help="also checkpoint every N steps (always at each epoch end)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
 
@@ -86,7 +137,7 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str | None) -> No
     src = g.add_mutually_exclusive_group()
     src.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights (needs internet)")
     src.add_argument("--checkpoint", help="local .pth/.safetensors weights for --model")
-    g.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
+    g.add_argument("--img-size", type=_positive_int, help="input resolution (default: the model's)")
     g.add_argument("--data", default="digits",
                    help="digits | synthetic[:N] | imagefolder:PATH | cifar10:PATH | cifar100:PATH (default %(default)s)")
     g.add_argument("--no-augment", action="store_true", help="no training augmentation")
@@ -121,18 +172,18 @@ def add_search(sub) -> None:
     g = p.add_argument_group("search")
     g.add_argument("--attn-mode", default="head_dim", choices=["head_dim", "head", "uniform"],
                    help="attention scores per head-dim (paper), per head, or per dim shared by heads")
-    g.add_argument("--w-attn", type=float, default=2e-4, help="l1 weight of attention scores (default %(default)s)")
-    g.add_argument("--w-mlp", type=float, default=5e-5, help="l1 weight of MLP scores (default %(default)s)")
-    g.add_argument("--w-token", type=float, default=1e-4, help="l1 weight of token scores (default %(default)s)")
+    g.add_argument("--w-attn", type=_non_negative, default=2e-4, help="l1 weight of attention scores (default %(default)s)")
+    g.add_argument("--w-mlp", type=_non_negative, default=5e-5, help="l1 weight of MLP scores (default %(default)s)")
+    g.add_argument("--w-token", type=_non_negative, default=1e-4, help="l1 weight of token scores (default %(default)s)")
     g.add_argument("--no-attn", action="store_true", help="do not search attention")
     g.add_argument("--no-mlp", action="store_true", help="do not search MLP units")
     g.add_argument("--no-token", action="store_true", help="do not search tokens")
-    g.add_argument("--mask-lr", type=float, help="learning rate of the scores (default: --lr)")
+    g.add_argument("--mask-lr", type=_non_negative, help="learning rate of the scores (default: --lr)")
     g.add_argument("--masks-only", action="store_true", help="train only the scores and norm layers")
     g.add_argument("--distill", action="store_true", help="distil from the unmasked model (soft targets)")
-    g.add_argument("--distill-tau", type=float, default=1.0, help="distillation temperature")
-    g.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation loss")
-    g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
+    g.add_argument("--distill-tau", type=_non_negative, default=1.0, help="distillation temperature")
+    g.add_argument("--distill-alpha", type=_non_negative, default=0.5, help="weight of the distillation loss")
+    g.add_argument("--drop-path", type=_non_negative, default=0.0, help="stochastic depth rate")
     _add_loop_args(p, epochs=10, lr=1e-4, batch=64)
     p.set_defaults(func=cmd_search)
 
@@ -279,11 +330,11 @@ def add_retrain(sub) -> None:
     p.add_argument("--no-augment", action="store_true", help="no training augmentation")
     p.add_argument("--distill", default="soft", choices=["none", "soft", "hard"],
                    help="distil from the unslimmed searched model (default %(default)s)")
-    p.add_argument("--distill-tau", type=float, default=1.0, help="distillation temperature")
-    p.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation loss")
-    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
-    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
-    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    p.add_argument("--distill-tau", type=_non_negative, default=1.0, help="distillation temperature")
+    p.add_argument("--distill-alpha", type=_non_negative, default=0.5, help="weight of the distillation loss")
+    p.add_argument("--mixup", type=_non_negative, default=0.0, help="mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=_non_negative, default=0.0, help="cutmix alpha (0: off)")
+    p.add_argument("--smoothing", type=_non_negative, default=0.1, help="label smoothing")
     _add_loop_args(p, epochs=5, lr=2e-4, batch=64)
     p.set_defaults(func=cmd_retrain)
 
@@ -307,6 +358,8 @@ def load_any_model(target: str, a: argparse.Namespace):
         return model, meta, f"searched model {path} (soft masks)"
     if path.exists():
         raise VitSlimError(f"{target} is neither a slim-model folder nor a search run")
+    if "/" in target or "\\" in target or target.startswith("."):
+        raise VitSlimError(f"{target} does not exist (give a slim-model folder, a search run or a timm model name)")
     model, _ = build_model(target, pretrained=a.pretrained, checkpoint=a.checkpoint)
     meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config(model).items()}
     return model, meta, f"{target}"
@@ -319,7 +372,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .data import load_for
     bundle = load_for(meta, a.data, input_size=input_shape(model))
     ds = bundle.test if a.split == "test" else bundle.train
-    ev = evaluate(model, ds, batch_size=a.batch_size, device=a.device if a.device != "auto" else "cpu")
+    device = _resolve_device(a.device)
+    ev = evaluate(model.to(device), ds, batch_size=a.batch_size, device=device)
     if a.json:
         print(json.dumps({"target": a.target, **ev}))
     else:
@@ -337,7 +391,7 @@ def add_eval(sub) -> None:
     p.add_argument("--data", help="dataset (default: the one the model was made for)")
     p.add_argument("--split", default="test", choices=["test", "train"])
     p.add_argument("--batch-size", type=_positive_int, default=128)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=_device, default="auto")
     p.add_argument("--pretrained", action="store_true", help="for a timm name: hub weights")
     p.add_argument("--checkpoint", help="for a timm name: local weights")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -354,10 +408,13 @@ def _budget_list(text: str) -> list[float]:
 def cmd_sweep(a: argparse.Namespace) -> int:
     from .sweep import sweep, write_sweep
     from tqdm.auto import tqdm
+    _load_scores(a.run)  # a damaged run fails before the progress bar is drawn (one clean error line)
     bar = tqdm(total=len(a.budgets), desc="sweep", disable=os.environ.get("VITSLIM_NO_PROGRESS") not in (None, "", "0"))
-    rows = sweep(a.run, a.budgets, data=a.data, batch_size=a.batch_size, multiple=a.multiple,
-                 progress=lambda i, n, row: bar.update(1))
-    bar.close()
+    try:
+        rows = sweep(a.run, a.budgets, data=a.data, batch_size=a.batch_size, multiple=a.multiple,
+                     progress=lambda i, n, row: bar.update(1))
+    finally:
+        bar.close()
     paths = write_sweep(rows, a.out or a.run)
     print("  target  FLOPs   top-1   top-5")
     for r in rows:
@@ -422,13 +479,13 @@ def add_bench(sub) -> None:
     p.add_argument("--flops", dest="flops_list", type=_budget_list, default=[0.7, 0.5],
                    help="comma-separated FLOPs budgets (default 0.7,0.5)")
     p.add_argument("--multiple", type=_positive_int, help="round widths to a multiple (default: automatic)")
-    p.add_argument("--img-size", type=int, help="for a timm name: input resolution")
+    p.add_argument("--img-size", type=_positive_int, help="for a timm name: input resolution")
     p.add_argument("--batch", type=_positive_int, default=32, help="batch size (default %(default)s)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
     p.add_argument("--runs", type=_positive_int, default=10, help="timed runs per round")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs per round")
+    p.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed runs per round")
     p.add_argument("--rounds", type=_positive_int, default=3, help="interleaved rounds")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
     p.add_argument("--json", action="store_true", help="print JSON rows")
     p.set_defaults(func=cmd_bench)
 

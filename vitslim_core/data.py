@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import random
 import socket
+import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Sequence
@@ -38,6 +41,13 @@ SYNTHETIC_CLASSES = 10
 SYNTHETIC_DEFAULT_N = 256
 
 _DOWNLOAD_TIMEOUT_S = 30.0
+# Formats ``load_image`` opens: the usual photo/drawing formats (JPEG includes multi-picture MPO). Others (EPS runs Ghostscript, plus
+# rarely used parsers) are refused as "not an image".
+MAX_SIDE = 16384  # pixels per side of a model input
+MAX_CHANNELS = 64
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+CROP_MODES = ("center", "squash", "border")
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "ICO")
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -515,6 +525,56 @@ def load_for(data_cfg: dict, name: str | None = None, *, input_size: Sequence[in
                      augment=augment, seed=seed)
 
 
+def _is_num(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def data_config_problem(cfg: Any) -> str | None:
+    """Why a data config read from a file is unusable (None when it is fine).
+
+    Checks the types of the keys the engine and the app read: input_size (C, H, W), mean, std,
+    interpolation, crop_pct, crop_mode, name, class_names, num_classes. Unknown keys are allowed.
+    """
+    if not isinstance(cfg, dict):
+        return f"the data config is a {type(cfg).__name__}, not a mapping"
+    inp = cfg.get("input_size")
+    if inp is not None and (not isinstance(inp, (list, tuple)) or len(inp) != 3
+                            or not all(_is_int(v) for v in inp)
+                            or not (1 <= inp[0] <= MAX_CHANNELS and 1 <= inp[1] <= MAX_SIDE and 1 <= inp[2] <= MAX_SIDE)):
+        return f"input_size must be three positive integers (C, H, W), got {_short(inp)}"
+    for key in ("mean", "std"):
+        v = cfg.get(key)
+        if v is not None and not (_is_num(v) or (isinstance(v, (list, tuple)) and 0 < len(v) <= MAX_CHANNELS
+                                                  and all(_is_num(x) for x in v))):
+            return f"{key} must be a number or a list of numbers, got {_short(v)}"
+    for key in ("interpolation", "crop_mode", "name"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            return f"{key} must be a string, got {_short(cfg[key])}"
+    if cfg.get("interpolation") is not None and cfg["interpolation"] not in INTERPOLATIONS:
+        return f"unknown interpolation {_short(cfg['interpolation'])}"
+    if cfg.get("crop_mode") is not None and cfg["crop_mode"] not in CROP_MODES:
+        return f"unknown crop_mode {_short(cfg['crop_mode'])}"
+    crop = cfg.get("crop_pct")
+    if crop is not None and not (_is_num(crop) and 0 < crop <= 4):
+        return f"crop_pct must be a number in (0, 4], got {_short(crop)}"
+    names = cfg.get("class_names")
+    if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
+        return "class_names must be a list of strings"
+    n = cfg.get("num_classes")
+    if n is not None and not (_is_int(n) and n >= 0):
+        return f"num_classes must be a non-negative integer, got {_short(n)}"
+    return None
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def load_image(path_or_bytes: str | Path | bytes | bytearray | BinaryIO,
                max_pixels: int = 50_000_000) -> Image.Image:
     """Read one image safely: size-checked before decoding, first frame only, EXIF rotation applied.
@@ -540,23 +600,27 @@ def load_image(path_or_bytes: str | Path | bytes | bytearray | BinaryIO,
     else:
         source, where = path_or_bytes, "image stream"
     try:
-        with Image.open(source) as img:
-            w, h = img.size
-            if w * h > max_pixels:
-                raise DataError(f"{where} is {w}x{h} pixels, more than the limit of {max_pixels:,}")
-            if w == 0 or h == 0:
-                raise DataError(f"{where} is empty ({w}x{h} pixels)")
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)
-            img.load()
-            out = ImageOps.exif_transpose(img.copy())
+        with warnings.catch_warnings():
+            # our own pixel limit answers first; Pillow's bomb and corrupt-EXIF warnings stay inside
+            warnings.simplefilter("ignore")
+            with Image.open(source, formats=IMAGE_FORMATS) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise DataError(f"{where} is {w}x{h} pixels, more than the limit of {max_pixels:,}")
+                if w == 0 or h == 0:
+                    raise DataError(f"{where} is empty ({w}x{h} pixels)")
+                img.load()  # an opened image sits on its first frame; n_frames would parse every frame
+                out = ImageOps.exif_transpose(img.copy())
     except DataError:
         raise
     except Image.DecompressionBombError:
         raise DataError(f"{where} has too many pixels (decompression bomb guard)") from None
     except (UnidentifiedImageError, SyntaxError):
         raise DataError(f"{where} is not an image PIL can read") from None
-    except (OSError, ValueError) as err:
+    except MemoryError:
+        raise DataError(f"{where} is too large to decode") from None
+    except (OSError, ValueError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError, OverflowError,
+            struct.error, RuntimeError) as err:  # Pillow's decoders raise all of these on damaged files
         raise DataError(f"cannot read {where}: {_first_line(err)}") from None
     return out
 
@@ -571,21 +635,26 @@ def to_standard_mode(img: Image.Image, gray: bool) -> Image.Image:
     paper); 16-bit and float images are scaled to 8 bits rather than clipped.
     """
     mode = img.mode
-    if mode in _SIXTEEN_BIT:
-        arr = np.asarray(img).astype(np.float64)
-        if mode == "F":
-            top = 1.0 if arr.size == 0 or np.nanmax(arr) <= 1.0 else float(np.nanmax(arr))
-        elif mode == "I":
-            top = 255.0 if arr.size == 0 or arr.max() <= 255 else 65535.0
-        else:
-            top = 65535.0
-        arr = np.nan_to_num(np.clip(arr / top, 0.0, 1.0))
-        img = Image.fromarray(np.round(arr * 255).astype(np.uint8), mode="L")
-    elif mode in ("P", "PA", "RGBA", "LA", "La", "RGBa") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(paper, rgba).convert("RGB")
     try:
+        if mode in _SIXTEEN_BIT:
+            arr = np.asarray(img).astype(np.float64)
+            arr[~np.isfinite(arr)] = 0.0
+            if mode == "F":
+                top = 1.0 if arr.size == 0 or arr.max() <= 1.0 else float(arr.max())
+            elif mode == "I":
+                top = 255.0 if arr.size == 0 or arr.max() <= 255 else 65535.0
+            else:
+                top = 65535.0
+            arr = np.clip(arr / top, 0.0, 1.0)
+            img = Image.fromarray(np.round(arr * 255).astype(np.uint8), mode="L")
+        elif mode in ("La", "RGBa"):  # premultiplied alpha: Pillow converts these only to LA / RGBA
+            img = img.convert("LA" if mode == "La" else "RGBA")
+        if img.mode in ("P", "PA", "RGBA", "LA") or "transparency" in img.info:
+            rgba = img.convert("RGBA")
+            paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(paper, rgba).convert("RGB")
+        if gray and img.mode == "LAB":  # Pillow has no LAB -> L; the L band is the lightness
+            img = img.getchannel("L")
         return img.convert("L" if gray else "RGB")
     except (ValueError, OSError) as err:
         raise DataError(f"cannot convert a {mode} image to {'grayscale' if gray else 'RGB'}: "
@@ -645,6 +714,9 @@ def image_to_tensor(img: Image.Image, data_cfg: dict, *, dataset: str | None = N
         raise DataError(f"expected a PIL image, got {type(img).__name__}")
     if img.width == 0 or img.height == 0:
         raise DataError(f"the image is empty ({img.width}x{img.height} pixels)")
+    problem = data_config_problem(data_cfg)
+    if problem:
+        raise DataError(f"unusable data config: {problem}")
     try:
         c, h, w = (int(v) for v in data_cfg["input_size"])
         mean = _channel_stats(data_cfg["mean"], c, "mean")

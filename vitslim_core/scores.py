@@ -181,6 +181,9 @@ class MaskScores:
         except (TypeError, ValueError, KeyError) as e:
             raise ScoreFileError(f"{path} has a damaged architecture description ({e})") from None
         meta = {k: v for k, v in header.items() if k not in ("format", "format_version", "arch", "attn_mode")}
+        problem = _meta_problem(meta, spec)
+        if problem:
+            raise ScoreFileError(f"{path} has a damaged vitslim header ({problem})")
         out = {}
         for kind in ("attn", "mlp", "token"):
             vals = []
@@ -198,12 +201,12 @@ class MaskScores:
 
     @property
     def class_names(self) -> list[str]:
-        names = self.meta.get("data", {}).get("class_names")
+        names = (self.meta.get("data") or {}).get("class_names")
         return list(names) if names else [str(i) for i in range(self.spec.num_classes)]
 
     def searched(self) -> dict[str, bool]:
         """Which dimensions the search actually trained (unsearched ones are never pruned by default)."""
-        d = self.meta.get("search", {}).get("searched") or {}
+        d = (self.meta.get("search") or {}).get("searched") or {}
         return {k: bool(d.get(k, True)) for k in ("attn", "mlp", "token")}
 
     def summary(self) -> dict[str, Any]:
@@ -219,3 +222,22 @@ def _recipe_kwargs(meta: dict | None) -> dict:
     return {"model_name": rec.get("name", ""), "model_kwargs": rec.get("kwargs", {})}
 
 
+def _meta_problem(meta: dict[str, Any], spec: ArchSpec) -> str | None:
+    """Type-check the header parts the engine reads (model recipe, data config, search config)."""
+    from .data import data_config_problem
+    from .spec import recipe_problem
+    rec = meta.get("model")
+    if rec is not None:
+        if not (isinstance(rec, dict) and isinstance(rec.get("name"), str) and isinstance(rec.get("kwargs", {}), dict)):
+            return 'model must look like {"name": ..., "kwargs": {...}}'
+        problem = recipe_problem(spec, rec.get("kwargs", {}))
+        if problem:
+            return problem
+    if meta.get("data") is not None:
+        problem = data_config_problem(meta["data"])
+        if problem:
+            return f"data: {problem}"
+    search = meta.get("search")
+    if search is not None and not (isinstance(search, dict) and isinstance(search.get("searched") or {}, dict)):
+        return "search must be a mapping (with searched: a mapping)"
+    return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import skip_init
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import BudgetError, PlanMismatchError, ScoreFileError, VitSlimError
 from .io import atomic_save, atomic_write_json, read_json
@@ -78,6 +80,9 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return out.unflatten(0, x.shape[:-1])
 
 
+_NON_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class SlimAttention(nn.Module):
     """Self-attention over heads that keep different numbers of dims.
 
@@ -113,8 +118,18 @@ class SlimAttention(nn.Module):
         B, N, _ = qkv.shape
         q, k, v = qkv.reshape(B, N, 3, heads, dims).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, dims)
         if self.fused_attn:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
-                                                  scale=self.scale)
+            p = self.attn_drop.p if self.training else 0.0
+            if q.is_cuda:
+                if qkv.stride(1) % 8 or qkv.storage_offset() % 8 or dims % 8:
+                    # fused kernels read 16-byte vectors: a slice of a qkv of arbitrary width is
+                    # misaligned ("CUDA error: misaligned address" in bf16 retraining otherwise)
+                    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+                # q, k, v are strided slices of one qkv tensor whose width is arbitrary after slimming;
+                # cuDNN's attention accepted and then failed on such inputs (H200, torch 2.11, bf16
+                # retraining), the other fused kernels check their alignment and fall back cleanly
+                with sdpa_kernel(_NON_CUDNN):
+                    return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
         attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
         attn = self.attn_drop(attn.softmax(dim=-1))
         return attn @ v
@@ -442,7 +457,8 @@ def save_slim(model: nn.Module, out_dir: str | Path) -> Path:
                            "make the plan from scores that record the model (arch_spec(model, model_name=...))")
     out = Path(out_dir)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_save(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": SLIM_FORMAT}))
+    md = {"format": SLIM_FORMAT, "sha256": _weights_digest(tensors)}
+    atomic_save(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=md))
     meta: dict[str, Any] = {"format": SLIM_FORMAT, "format_version": SLIM_VERSION,
                             "model": {"name": plan.spec.model_name, "kwargs": dict(plan.spec.model_kwargs)},
                             "plan": plan.to_dict()}
@@ -480,8 +496,7 @@ def load_slim(path: str | Path) -> nn.Module:
         ScoreFileError: missing or damaged files, another format or version.
         PlanMismatchError: weights that do not fit the plan.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
     folder = Path(path)
     if not folder.is_dir():
         raise ScoreFileError(f"slim model folder {folder} does not exist")
@@ -500,14 +515,27 @@ def load_slim(path: str | Path) -> nn.Module:
         plan = SlimPlan.from_dict(meta.get("plan"), source=f"{src} plan")
     except BudgetError as e:
         raise ScoreFileError(f"{src} plan is damaged ({e})") from None
+    from .spec import recipe_problem
+    problem = recipe_problem(plan.spec, recipe.get("kwargs") or {})
+    if problem:
+        raise PlanMismatchError(f"{src}: the plan does not fit the base model ({problem})")
+    if meta.get("data") is not None:
+        from .data import data_config_problem
+        problem = data_config_problem(meta["data"])
+        if problem:
+            raise ScoreFileError(f"{src}: {META_FILE} has a damaged data config ({problem})")
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise ScoreFileError(f"{src} lacks {WEIGHTS_FILE}")
     try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        with safe_open(str(weights), framework="pt") as f:
+            digest = (f.metadata() or {}).get("sha256")
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise ScoreFileError(f"{weights} is not a readable safetensors file ({reason})") from None
+    if digest is not None and digest != _weights_digest(state):  # files from before the digest have none
+        raise ScoreFileError(f"{weights} is damaged (its checksum does not match its contents)")
     base = _build_base(recipe["name"], recipe.get("kwargs") or {})
     slim = slim_model(base, plan, fold_scores=False)
     _check_state(slim, state, src)
@@ -516,6 +544,16 @@ def load_slim(path: str | Path) -> nn.Module:
     if data is not None:
         slim.slim_data = data
     return slim.eval()
+
+
+def _weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of all tensors (catches bit rot and bad copies)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _check_state(model: nn.Module, state: dict[str, torch.Tensor], src: str) -> None:
@@ -533,3 +571,5 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], src: str) -> 
                                     f"{tuple(state[k].shape)}, the plan needs {tuple(v.shape)})")
         if not state[k].is_floating_point() and v.is_floating_point():
             raise PlanMismatchError(f"{src}: {k} has dtype {state[k].dtype}, expected a float tensor")
+        if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
+            raise ScoreFileError(f"{src}: {k} contains NaN or infinite weights")

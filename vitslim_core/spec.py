@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,9 +111,17 @@ class ArchSpec:
                 else:
                     v = _strict_int(v)
                     if v < 0 or (v == 0 and f.name in ("depth", "embed_dim", "num_heads", "head_dim", "mlp_hidden",
-                                                       "in_chans", "num_out_heads")):
+                                                       "in_chans", "num_out_heads", "dense_params")):
                         raise ValueError(f"{f.name} must be positive")
+                if f.name in _LIMITS and max(v if isinstance(v, tuple) else (v,)) > _LIMITS[f.name]:
+                    raise ValueError(f"{f.name} is larger than {_LIMITS[f.name]}")
                 kw[f.name] = v
+            units = {"attention dims": kw["depth"] * kw["num_heads"] * kw["head_dim"],
+                     "MLP units": kw["depth"] * kw["mlp_hidden"],
+                     "tokens": kw["depth"] * kw["grid"][0] * kw["grid"][1]}
+            for what, n in units.items():
+                if n > MAX_UNITS:
+                    raise ValueError(f"{n} {what} in all layers is more than {MAX_UNITS}")
         except (TypeError, ValueError) as e:
             raise error(f"architecture description is damaged ({e})") from None
         return cls(**kw)
@@ -127,6 +136,53 @@ class ArchSpec:
             raise PlanMismatchError(
                 f"{what} was made for another architecture ({_describe(other)}) "
                 f"but the model is {_describe(self)}")
+
+
+# Upper bounds of a description read from a file (ViT-g/14 at 518 px is far inside them): a damaged or
+# hostile header must not make plans allocate or compute for absurd sizes.
+_LIMITS = {"depth": 1024, "embed_dim": 1 << 16, "num_heads": 1024, "head_dim": 4096, "mlp_hidden": 1 << 18,
+           "num_prefix_tokens": 1024, "grid": 1024, "patch_size": 1024, "in_chans": 64, "num_classes": 1 << 20,
+           "num_out_heads": 2, "norm1_params": 1 << 40, "norm2_params": 1 << 40, "ls_params": 1 << 40,
+           "dense_params": 1 << 40}
+MAX_UNITS = 1 << 24  # per dimension, over all layers
+
+
+def recipe_problem(spec: ArchSpec, kwargs: Any) -> str | None:
+    """Why model kwargs read from a file contradict the architecture they were saved with (None: fine).
+
+    Checked before anything is built: a damaged or hostile recipe (depth 10**6, mlp_ratio 1e9...)
+    would otherwise allocate a huge model before the shape check could refuse it.
+    """
+    if not isinstance(kwargs, dict):
+        return "model kwargs must be a mapping"
+
+    def pair(v: Any) -> tuple | None:
+        if isinstance(v, bool):
+            return None
+        if isinstance(v, int):
+            return (v, v)
+        if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                for x in v):
+            return tuple(v)
+        return None
+
+    want = {"depth": spec.depth, "embed_dim": spec.embed_dim, "num_heads": spec.num_heads,
+            "num_classes": spec.num_classes, "in_chans": spec.in_chans}
+    for key, value in want.items():
+        if key in kwargs and (isinstance(kwargs[key], bool) or kwargs[key] != value):
+            return f"model kwargs say {key}={kwargs[key]!r} but the architecture has {value}"
+    for key, value in (("img_size", spec.img_size), ("patch_size", spec.patch_size)):
+        if key in kwargs and kwargs[key] is not None and pair(kwargs[key]) != tuple(value):
+            return f"model kwargs say {key}={kwargs[key]!r} but the architecture has {list(value)}"
+    ratio = kwargs.get("mlp_ratio")
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) \
+                or int(spec.embed_dim * ratio) != spec.mlp_hidden:
+            return f"model kwargs say mlp_ratio={ratio!r} but the MLP width is {spec.mlp_hidden}"
+    reg = kwargs.get("reg_tokens")
+    if reg is not None and (isinstance(reg, bool) or not isinstance(reg, int) or not 0 <= reg <= spec.num_prefix_tokens):
+        return f"model kwargs say reg_tokens={reg!r} but the model has {spec.num_prefix_tokens} prefix tokens"
+    return None
 
 
 def _strict_int(v: Any) -> int:
