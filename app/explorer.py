@@ -156,6 +156,9 @@ def run_summary(run: OpenRun) -> str:
     s = run.spec
     name = str((run.scores.model_recipe or {}).get("name") or s.model_name or "model")
     w = "" if run.has_weights else " · **scores only**"
+    from vitslim_core.search import run_status
+    note = run_status(run.scores)  # an unfinished (stopped or killed) search says so
+    w += f" · **{html.escape(note)}**" if note else ""
     c = count_cost(s)
     return (f"`{html.escape(name)}` · {s.depth} blocks · {s.num_heads}×{s.head_dim} attention · MLP {s.mlp_hidden} · "
             f"{s.num_prefix_tokens}+{s.num_patches} tokens · dense {_fmt_flops(c.macs)}FLOPs, "

@@ -284,3 +284,14 @@ def test_unwritable_output_folder_fails_before_training(tmp_path, capsys):
                  "--out", str(blocker / "run")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a folder" in err, err
+
+
+def test_app_says_a_run_is_incomplete(tmp_path, server):
+    pytest.importorskip("gradio")
+    from app.explorer import run_summary
+    from app.runs import RunRegistry
+    out = tmp_path / "run"
+    rc, _ = server.run("after", 8, out, SEARCH)  # killed after the second checkpoint
+    assert rc == -signal.SIGKILL
+    reg = RunRegistry([out], tmp_path / "work")
+    assert "incomplete (step 2 of 6)" in run_summary(reg.get(str(out)))
