@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import html
 import math
+import os
+import secrets
 import tempfile
 import threading
 import time
@@ -452,6 +454,8 @@ class Explorer:
             x = image_to_tensor(img, run.data_cfg, dataset=run.dataset_name)
         except (VitSlimError, OSError, ValueError) as e:
             msg = _one_line(e)
+            if isinstance(path, str) and len(path) > 1:  # the server's temp path is nobody's business
+                msg = msg.replace(str(Path(path).parent) + os.sep, "")
             gr.Warning(f"This image cannot be used: {msg}")
             return image, f"**Image rejected:** {html.escape(msg)}"
         name = Path(path).name
@@ -692,7 +696,8 @@ class Explorer:
             if not (1 <= epochs_f <= 10_000 and 0 <= steps_f <= 1e9 and 0 < lr_f < 1):
                 raise VitSlimError("epochs must be 1 to 10000, max steps >= 0 and the learning rate in (0, 1)")
             epochs_i, steps_i = int(epochs_f), int(steps_f)
-            out = self.workdir / "retrain" / f"job-{time.strftime('%Y%m%d-%H%M%S')}-{budget.slug()}"
+            # a random part: other users of the app cannot guess the folder (and download its files)
+            out = self.workdir / "retrain" / f"job-{time.strftime('%Y%m%d-%H%M%S')}-{budget.slug()}-{secrets.token_hex(6)}"
             req = RetrainRequest(run_key=run.key, run_label=run.label, out=out, budget=budget.retrain_kwargs(),
                                  budget_text=budget.text(), epochs=epochs_i, lr=lr_f, distill=bool(distill),
                                  max_steps=steps_i, evaluate=lambda m: self._evaluate_model(run, m)["top1"])

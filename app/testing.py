@@ -50,6 +50,18 @@ def run_for_tests(base: Path) -> Path:
     return bundled_demo() or build_quick_run(Path(base) / "quick-run")
 
 
+def launch_for_tests(run: Path, workdir: Path, **launch_kwargs: Any) -> tuple[Any, str]:
+    """Build the app on ``run`` (a fresh retraining job) and launch it on 127.0.0.1 at a free port
+    without blocking; returns ``(demo, url)``. The caller closes it with ``demo.close()``."""
+    from .explorer import Explorer
+    from .jobs import RetrainJob
+    from .ui import build_app, launch_app
+    demo = build_app(explorer=Explorer([run], workdir, job=RetrainJob()))
+    port = free_port()
+    launch_app(demo, host="127.0.0.1", port=port, quiet=True, prevent_thread_lock=True, **launch_kwargs)
+    return demo, f"http://127.0.0.1:{port}/"
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

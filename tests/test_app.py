@@ -297,6 +297,7 @@ def test_bad_images_keep_the_old_one(ex, key, tmp_path, case):
     with pytest.warns(UserWarning):
         state, msg = ex.upload_image(key, str(path), old)
     assert state is old and msg.startswith("**Image rejected:**")
+    assert str(tmp_path) not in msg and path.name in msg  # the file's name, not the server's folders
 
 
 def test_no_image_change_is_a_no_op(ex, key):

@@ -12,22 +12,17 @@ import pytest  # noqa: E402
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
-from app.testing import free_port, run_for_tests  # noqa: E402
+from app.testing import launch_for_tests, run_for_tests  # noqa: E402
 
 ENDPOINTS = ("/set_budget", "/set_ratios", "/token_overlay", "/evaluate")
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from app.explorer import Explorer
-    from app.jobs import RetrainJob
-    from app.ui import build_app, launch_app
     run = run_for_tests(tmp_path_factory.getbasetemp())
-    demo = build_app(explorer=Explorer([run], tmp_path_factory.mktemp("api-workdir"), job=RetrainJob()))
-    port = free_port()
-    launch_app(demo, host="127.0.0.1", port=port, quiet=True, prevent_thread_lock=True)
+    demo, url = launch_for_tests(run, tmp_path_factory.mktemp("api-workdir"))
     try:
-        yield demo, f"http://127.0.0.1:{port}/"
+        yield demo, url
     finally:
         demo.close()
 

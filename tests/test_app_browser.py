@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from app.testing import CHROMIUM_ARGS, free_port, run_for_tests  # noqa: E402
+from app.testing import CHROMIUM_ARGS, launch_for_tests, run_for_tests  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -26,16 +26,11 @@ T = 60_000  # ms: upper bound of every wait for the page (the machine may be bus
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    from app.explorer import Explorer
-    from app.jobs import RetrainJob
-    from app.ui import build_app, launch_app
     run = run_for_tests(tmp_path_factory.getbasetemp())
-    demo = build_app(explorer=Explorer([run], tmp_path_factory.mktemp("browser-workdir"), job=RetrainJob()))
-    port = free_port()
-    launch_app(demo, host="127.0.0.1", port=port, quiet=True, prevent_thread_lock=True)
+    demo, url = launch_for_tests(run, tmp_path_factory.mktemp("browser-workdir"))
     demo.explorer.warm_up()
     try:
-        yield f"http://127.0.0.1:{port}/"
+        yield url
     finally:
         demo.close()
 

@@ -29,7 +29,7 @@ gr = pytest.importorskip("gradio")
 requests = pytest.importorskip("requests")
 gradio_client = pytest.importorskip("gradio_client")
 
-from app.testing import free_port, run_for_tests  # noqa: E402
+from app.testing import launch_for_tests, run_for_tests  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 UPLOAD_LIMIT = 4096  # bytes: the launched test app's upload limit (the real one is app.ui.MAX_UPLOAD)
@@ -38,18 +38,13 @@ TIMEOUT = 20  # seconds for every HTTP request
 
 def _launch(run: Path, workdir: Path, monkeypatch_limit: bool = True, **kw):
     import app.ui as ui
-    from app.explorer import Explorer
-    from app.jobs import RetrainJob
-    demo = ui.build_app(explorer=Explorer([run], workdir, job=RetrainJob()))
-    port = free_port()
     old = ui.MAX_UPLOAD
     if monkeypatch_limit:
         ui.MAX_UPLOAD = f"{UPLOAD_LIMIT}b"  # launch_app reads it at launch
     try:
-        ui.launch_app(demo, host="127.0.0.1", port=port, quiet=True, prevent_thread_lock=True, **kw)
+        return launch_for_tests(run, workdir, **kw)
     finally:
         ui.MAX_UPLOAD = old
-    return demo, f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture(scope="module")

@@ -18,20 +18,15 @@ import pytest  # noqa: E402
 pytest.importorskip("gradio")
 pytest.importorskip("httpx")
 
-from app.testing import PageClient, free_port, run_for_tests, slider_load  # noqa: E402
+from app.testing import PageClient, launch_for_tests, run_for_tests, slider_load  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from app.explorer import Explorer
-    from app.jobs import RetrainJob
-    from app.ui import build_app, launch_app
     run = run_for_tests(tmp_path_factory.getbasetemp())
-    demo = build_app(explorer=Explorer([run], tmp_path_factory.mktemp("load-workdir"), job=RetrainJob()))
-    port = free_port()
-    launch_app(demo, host="127.0.0.1", port=port, quiet=True, prevent_thread_lock=True)
+    demo, url = launch_for_tests(run, tmp_path_factory.mktemp("load-workdir"))
     try:
-        yield demo, f"http://127.0.0.1:{port}/"
+        yield demo, url
     finally:
         demo.close()
 
