@@ -295,3 +295,21 @@ def test_app_says_a_run_is_incomplete(tmp_path, server):
     assert rc == -signal.SIGKILL
     reg = RunRegistry([out], tmp_path / "work")
     assert "incomplete (step 2 of 6)" in run_summary(reg.get(str(out)))
+
+
+def test_only_our_own_stale_temp_files_are_removed(tmp_path):
+    """A run folder may sit among other files (--out .): only temp files of ours are cleaned up."""
+    from vitslim_core.io import TEMP_MARK, atomic_path, remove_stale_temps
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "best" / "model.safetensors") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("the writer fails half way")
+    assert not list(tmp_path.rglob("*.tmp"))  # a failing writer cleans up after itself
+    ours = [tmp_path / f".checkpoint.pt{TEMP_MARK}ab12.tmp", tmp_path / "last" / f".slim.json{TEMP_MARK}x.tmp"]
+    foreign = [tmp_path / ".editor-swap.tmp", tmp_path / "data" / "deep" / f".x{TEMP_MARK}y.tmp",
+               tmp_path / "notes.tmp"]
+    for p in ours + foreign:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    assert remove_stale_temps(tmp_path) == 2
+    assert not any(p.exists() for p in ours) and all(p.exists() for p in foreign)

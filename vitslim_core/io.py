@@ -12,6 +12,9 @@ from typing import Any, Callable, Iterator
 from .errors import ScoreFileError, VitSlimError
 
 
+TEMP_MARK = ".vitslim-"  # in the names of our temp files (see remove_stale_temps)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to ``path``; on success it replaces ``path`` in one rename.
@@ -21,7 +24,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as e:
         raise VitSlimError(_os_message(e, path)) from None
@@ -81,13 +84,15 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def remove_stale_temps(folder: str | os.PathLike, recursive: bool = True) -> int:
-    """Delete the temp files a killed writer left behind (``.NAME.XXXX.tmp``); returns how many."""
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete the temp files a killed writer of ours left in ``folder`` and its direct sub-folders
+    (``.NAME.vitslim-XXXX.tmp``: nobody else's files match); returns how many."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     n = 0
-    for p in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")):
+    pattern = f".*{TEMP_MARK}*.tmp"
+    for p in [*folder.glob(pattern), *folder.glob(f"*/{pattern}")]:
         if p.is_file():
             with contextlib.suppress(OSError):
                 p.unlink()
