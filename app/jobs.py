@@ -6,7 +6,7 @@ in a daemon thread; ``stop()`` makes its ``should_stop`` return True, the traini
 checkpoint and returns, and the job still packages what it has.
 
 The job is background work: people moving a slider come first. Its thread runs at a lower OS priority
-(``nice``), leaves one core to the app (``torch.set_num_threads``), and before each training step waits
+(``nice``) and before each training step waits
 briefly while interactive requests are being served (``ACTIVITY``, fed by the page's live events), so a
 retraining job does not make the slider lag; the job slows down instead, and never stops.
 """
@@ -146,8 +146,9 @@ class RetrainJob:
             yield_s: before each training step, wait up to this long while interactive requests are
                 being served (0: never wait).
             activity: the tracker of interactive requests (default: ``ACTIVITY``).
-            threads: torch threads for the job (default: all cores but one, at least 1; never more
-                than torch already uses).
+            threads: torch threads for the job (default: unchanged). ``torch.set_num_threads`` also
+                sets the count that threads started later inherit, so a lower count here would also
+                slow the app's own worker threads started while the job runs; niceness does the job.
         """
         self.runner = runner
         self.nice, self.yield_s, self.threads = nice, yield_s, threads
@@ -239,7 +240,7 @@ class RetrainJob:
         except ImportError:
             return lambda: None
         old = torch.get_num_threads()
-        want = self.threads or max(1, (os.cpu_count() or 1) - 1)
+        want = self.threads or old
         if want < old:
             torch.set_num_threads(want)
             return lambda: torch.set_num_threads(old)

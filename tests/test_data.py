@@ -328,3 +328,23 @@ def test_load_image_first_frame_of_animation():
     _rgb_image().save(buf2, format="PNG")
     buf2.seek(0)
     assert load_image(buf2).size == (40, 30)
+
+
+@pytest.mark.parametrize("fmt", ["AVIF", "JPEG2000", "WEBP", "TIFF"])
+def test_load_image_reads_modern_formats(fmt):
+    import io as _io
+    from PIL import features
+    if fmt == "AVIF" and not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF support")
+    if fmt == "JPEG2000" and not features.check("jpg_2000"):
+        pytest.skip("this Pillow has no JPEG 2000 support")
+    buf = _io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 10, 10)).save(buf, fmt)
+    assert load_image(buf.getvalue()).size == (32, 24)
+
+
+def test_refused_formats_are_named(tmp_path):
+    eps = tmp_path / "drawing.eps"  # EPS would run Ghostscript: refused before anything is decoded
+    eps.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")
+    with pytest.raises(DataError, match="EPS format, which is not accepted"):
+        load_image(eps)

@@ -72,3 +72,13 @@ def test_retrain_with_plan_file_and_no_distillation(tmp_path):
                                 max_steps=2, **cfg))
     assert (res.plan.attn == plan.attn).all() and (res.plan.token == plan.token).all()
     assert Path(tmp_path / "rt" / "last" / "slim.json").is_file()
+
+
+def test_a_fresh_run_into_a_used_folder_replaces_its_best_model(tmp_path):
+    from vitslim_core import load_slim
+    out = str(tmp_path / "rt")
+    retrain(RetrainConfig(out=out, max_steps=2, **dict(BASE, flops=0.8)))
+    res = retrain(RetrainConfig(out=out, max_steps=2, **dict(BASE, flops=0.4)))
+    best, last = load_slim(tmp_path / "rt" / "best"), load_slim(tmp_path / "rt" / "last")
+    assert count_cost(best).params == count_cost(last).params  # the new plan's model, not the old one
+    assert json.loads((tmp_path / "rt" / "best" / "eval.json").read_text())["top1"] == pytest.approx(res.best_top1)

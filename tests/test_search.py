@@ -103,3 +103,11 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     a, b = MaskScores.load(tmp_path / "one"), MaskScores.load(tmp_path / "two")
     _scores_close(a, b, 1e-4)
     assert json.loads((tmp_path / "two" / "history.json").read_text())["world_size"] == 2
+
+
+def test_image_size_not_a_multiple_of_the_patch_size(tmp_path):
+    """timm floors the patch grid (100 px with 16-px patches is a 6x6 grid); the run must load back."""
+    search(SearchConfig(model="deit_tiny_patch16_224", img_size=100, data="synthetic:32", batch_size=8,
+                        max_steps=1, device="cpu", out=str(tmp_path / "run")))
+    scores, _ = load_run(tmp_path / "run")
+    assert scores.spec.img_size == (96, 96) and scores.spec.num_patches == 36

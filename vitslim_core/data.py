@@ -41,13 +41,14 @@ SYNTHETIC_CLASSES = 10
 SYNTHETIC_DEFAULT_N = 256
 
 _DOWNLOAD_TIMEOUT_S = 30.0
-# Formats ``load_image`` opens: the usual photo/drawing formats (JPEG includes multi-picture MPO). Others (EPS runs Ghostscript, plus
-# rarely used parsers) are refused as "not an image".
 MAX_SIDE = 16384  # pixels per side of a model input
 MAX_CHANNELS = 64
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 CROP_MODES = ("center", "squash", "border")
-IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "ICO")
+# Formats ``load_image`` opens: photo and drawing formats (JPEG includes multi-picture MPO). Others are
+# refused by name: EPS/PS run Ghostscript, the rest are rarely used parsers nobody needs here.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "AVIF", "JPEG2000", "PPM", "ICO", "ICNS", "TGA",
+                 "QOI", "PCX", "SGI")
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -616,6 +617,10 @@ def load_image(path_or_bytes: str | Path | bytes | bytearray | BinaryIO,
     except Image.DecompressionBombError:
         raise DataError(f"{where} has too many pixels (decompression bomb guard)") from None
     except (UnidentifiedImageError, SyntaxError):
+        fmt = _format_of(source)
+        if fmt and fmt not in IMAGE_FORMATS:
+            raise DataError(f"{where} is in {fmt} format, which is not accepted (use PNG, JPEG, WEBP, "
+                            f"AVIF, TIFF, GIF or BMP)") from None
         raise DataError(f"{where} is not an image PIL can read") from None
     except MemoryError:
         raise DataError(f"{where} is too large to decode") from None
@@ -623,6 +628,19 @@ def load_image(path_or_bytes: str | Path | bytes | bytearray | BinaryIO,
             struct.error, RuntimeError) as err:  # Pillow's decoders raise all of these on damaged files
         raise DataError(f"cannot read {where}: {_first_line(err)}") from None
     return out
+
+
+def _format_of(source: Any) -> str | None:
+    """The format Pillow would give a file it is not allowed to open (header only, nothing decoded)."""
+    try:
+        if hasattr(source, "seek"):
+            source.seek(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(source) as probe:
+                return probe.format
+    except Exception:  # noqa: BLE001 - any failure: not an image we can name
+        return None
 
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")

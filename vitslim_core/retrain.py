@@ -121,6 +121,7 @@ def retrain(cfg: RetrainConfig | None = None, *, resume: bool = False,
         if di.master:
             prepare_out_dir(out)
             if not resume:
+                _clear_outputs(out)
                 plan.save(out / "plan.json")
         best = {"top1": -1.0}
 
@@ -148,6 +149,17 @@ def retrain(cfg: RetrainConfig | None = None, *, resume: bool = False,
         return RetrainResult(out, plan, best["top1"] if best["top1"] >= 0 else None, history)
     finally:
         cleanup_distributed()
+
+
+def _clear_outputs(out: Path) -> None:
+    """A fresh run into a folder used before: drop the old run's best/ and last/ models (ours only:
+    folders holding slim.json) and its checkpoint, so nothing of it is mistaken for the new run's."""
+    import shutil
+    for sub in ("best", "last"):
+        d = out / sub
+        if d.is_dir() and ((d / "slim.json").exists() or (d / "eval.json").exists()):
+            shutil.rmtree(d, ignore_errors=True)
+    (out / "checkpoint.pt").unlink(missing_ok=True)
 
 
 def _best_step(out: Path) -> int | None:

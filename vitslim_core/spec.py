@@ -172,7 +172,13 @@ def recipe_problem(spec: ArchSpec, kwargs: Any) -> str | None:
         if key in kwargs and (isinstance(kwargs[key], bool) or kwargs[key] != value):
             return f"model kwargs say {key}={kwargs[key]!r} but the architecture has {value}"
     for key, value in (("img_size", spec.img_size), ("patch_size", spec.patch_size)):
-        if key in kwargs and kwargs[key] is not None and pair(kwargs[key]) != tuple(value):
+        if key not in kwargs or kwargs[key] is None:
+            continue
+        got = pair(kwargs[key])
+        if got is not None and key == "img_size" and all(p > 0 for p in spec.patch_size):
+            # timm floors the patch grid: img_size 100 with 16-px patches is a 96-px (6x6) model
+            got = tuple(g // p * p for g, p in zip(got, spec.patch_size))
+        if got != tuple(value):
             return f"model kwargs say {key}={kwargs[key]!r} but the architecture has {list(value)}"
     ratio = kwargs.get("mlp_ratio")
     if ratio is not None:

@@ -327,10 +327,12 @@ def run_loop(model: nn.Module, step_fn: StepFn, train_set: Dataset, test_set: Da
     sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, di.rank, di.world, seed=cfg.seed)
     bar = tqdm(total=total, initial=step, desc=desc, disable=not di.master or not _bar_enabled(), dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
+    seconds_before = float(history.get("train_seconds", 0.0))  # of the segments before a resume
     model.train()
 
     def checkpoint() -> None:
         history["step"] = step
+        history["train_seconds"] = seconds_before + (time.perf_counter() - t0)
         if di.master:
             # the checkpoint first, then (on_checkpoint) the files derived from it: a kill in between
             # is repaired on resume, which rewrites them from the checkpoint
@@ -399,7 +401,7 @@ def run_loop(model: nn.Module, step_fn: StepFn, train_set: Dataset, test_set: Da
         bar.close()
     history["complete"] = step >= total
     history["step"] = step
-    history["train_seconds"] = history.get("train_seconds", 0.0) + (time.perf_counter() - t0)
+    history["train_seconds"] = seconds_before + (time.perf_counter() - t0)
     return history
 
 
