@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vitslim_core.cli import main
 
@@ -214,3 +215,16 @@ def test_retrain_cli_runs_and_bad_inputs(capsys, quick_run, tmp_path):
     assert_one_line_error(code, err, "budget")
     code, _, err = run_cli(capsys, "retrain", tmp_path / "nothing", "--flops", "0.5", "--out", tmp_path / "rt3")
     assert_one_line_error(code, err, "does not exist")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("cmd", [["eval", "DEMO"], ["search", "--max-steps", "1"]])
+def test_asking_for_cuda_without_a_gpu_is_one_line(cmd, tmp_path, capsys):
+    from vitslim_core.cli import main
+    from vitslim_core.demo import DEMO_DIR
+    argv = [str(DEMO_DIR) if c == "DEMO" else c for c in cmd] + ["--device", "cuda"]
+    if cmd[0] == "search":
+        argv += ["--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA GPU" in err

@@ -92,16 +92,6 @@ def _device(text: str) -> str:
     return text
 
 
-def _resolve_device(text: str) -> str:
-    """auto -> cuda when a GPU is visible, else cpu; a CUDA device without a GPU is a clear error."""
-    import torch
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(text).type == "cuda" and not torch.cuda.is_available():
-        raise VitSlimError(f"--device {text}: no CUDA GPU is visible to PyTorch (use --device cpu)")
-    return text
-
-
 # ----------------------------------------------------------------------------- search
 def _add_loop_args(p: argparse.ArgumentParser, epochs: int, lr: float, batch: int) -> None:
     g = p.add_argument_group("training")
@@ -367,12 +357,12 @@ def load_any_model(target: str, a: argparse.Namespace):
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from .bench import input_shape
-    from .train import evaluate
+    from .train import evaluate, resolve_device
     model, meta, what = load_any_model(a.target, a)
     from .data import load_for
     bundle = load_for(meta, a.data, input_size=input_shape(model))
     ds = bundle.test if a.split == "test" else bundle.train
-    device = _resolve_device(a.device)
+    device = resolve_device(a.device)
     ev = evaluate(model.to(device), ds, batch_size=a.batch_size, device=device)
     if a.json:
         print(json.dumps({"target": a.target, **ev}))

@@ -86,7 +86,7 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
 
 def remove_stale_temps(folder: str | os.PathLike) -> int:
     """Delete the temp files a killed writer of ours left in ``folder`` and its direct sub-folders
-    (``.NAME.vitslim-XXXX.tmp``: nobody else's files match); returns how many."""
+    (named ``.<file name>.vitslim-<random>.tmp``: nobody else's files match); returns how many."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0

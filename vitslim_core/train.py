@@ -44,11 +44,19 @@ class DistInfo:
         return self.world > 1
 
 
+def resolve_device(device: str = "auto") -> str:
+    """auto -> cuda when a GPU is visible, else cpu; asking for CUDA without a GPU is a clear error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise VitSlimError(f"--device {device}: no CUDA GPU is visible to PyTorch (use --device cpu)")
+    return device
+
+
 def setup_distributed(device: str = "auto") -> DistInfo:
     """Join the torchrun process group when RANK/WORLD_SIZE are set; pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     if world <= 1:
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:
