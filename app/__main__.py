@@ -1,4 +1,4 @@
-"""``python -m app [RUN ...]`` starts the exploration app (see ``app.main``)."""
+"""``python -m vitslim_app [RUN ...]`` starts the exploration app (see ``vitslim_app.main``)."""
 import sys
 
 from .main import main

@@ -1,4 +1,4 @@
-"""Command line of the app: ``vitslim app [RUN ...]`` and ``python -m app [RUN ...]``.
+"""Command line of the app: ``vitslim app [RUN ...]`` and ``python -m vitslim_app [RUN ...]``.
 
 This module imports nothing heavy, so ``vitslim --help`` stays fast; Gradio and torch are imported
 when the app starts.
@@ -15,7 +15,7 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The app's options (shared by ``vitslim app`` and ``python -m app``)."""
+    """The app's options (shared by ``vitslim app`` and ``python -m vitslim_app``)."""
     p.add_argument("runs", nargs="*", metavar="RUN",
                    help="search run folders (or their scores.safetensors); default: the bundled digits demo")
     p.add_argument("--host", default="127.0.0.1",
@@ -74,7 +74,7 @@ def serve(a: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m app", description="The ViT-Slim exploration app (Gradio).")
+    p = argparse.ArgumentParser(prog="python -m vitslim_app", description="The ViT-Slim exploration app (Gradio).")
     add_arguments(p)
     a = p.parse_args(argv)
     from vitslim_core.errors import VitSlimError

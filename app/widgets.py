@@ -2,7 +2,7 @@
 
 One line in a notebook::
 
-    from app.widgets import SlimPanel
+    from vitslim_app.widgets import SlimPanel
     SlimPanel("runs/digits")        # or SlimPanel() for the bundled digits demo
 
 The panel shows the same pictures as the app (``vitslim_core.viz``), computes the same plans

@@ -26,6 +26,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("VITSLIM_NO_PROGRESS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # app_harness: the test harness the benchmarks share
 
 
 def stats(ms: list[float]) -> tuple[float, float, float]:
@@ -60,8 +61,8 @@ def bench_callback(run: Path, workdir: Path, moves: int) -> dict[str, tuple]:
     import numpy as np
 
     import gradio as gr
-    from app.explorer import Explorer
-    from app.ui import LiveImage
+    from vitslim_app.explorer import Explorer
+    from vitslim_app.ui import LiveImage
     ex = Explorer([run], workdir)
     key = ex.registry.default_key()
     try:
@@ -95,10 +96,10 @@ def bench_browser(run: Path, workdir: Path, moves: int) -> dict[str, tuple]:
     """Key press on the FLOPs slider -> FLOPs readout updated, in chromium."""
     from playwright.sync_api import sync_playwright
 
-    from app.explorer import Explorer
-    from app.jobs import RetrainJob
-    from app.testing import CHROMIUM_ARGS, free_port
-    from app.ui import build_app, launch_app
+    from vitslim_app.explorer import Explorer
+    from vitslim_app.jobs import RetrainJob
+    from app_harness import CHROMIUM_ARGS, free_port
+    from vitslim_app.ui import build_app, launch_app
     demo = build_app(explorer=Explorer([run], workdir, job=RetrainJob()))
     port = free_port()
     launch_app(demo, port=port, quiet=True, prevent_thread_lock=True)
@@ -152,7 +153,7 @@ def bench_browser(run: Path, workdir: Path, moves: int) -> dict[str, tuple]:
 def bench_startup(run: Path | None, workdir: Path) -> dict[str, tuple]:
     """Seconds from ``vitslim app`` to the page answering, and to its maps being on screen (the browser
     is started first, so its own start-up is not counted)."""
-    from app.testing import CHROMIUM_ARGS, free_port
+    from app_harness import CHROMIUM_ARGS, free_port
     port = free_port()
     cmd = [sys.executable, "-m", "vitslim_core", "app", "--no-browser", "--port", str(port), "--workdir",
            str(workdir)] + ([str(run)] if run else [])
@@ -207,7 +208,7 @@ def main() -> int:
     a = ap.parse_args()
     import torch
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    from app.testing import run_for_tests
+    from app_harness import run_for_tests
     tmp = Path(tempfile.mkdtemp(prefix="vitslim-bench-app-"))
     try:
         demo_run = Path(a.run) if a.run else run_for_tests(tmp)

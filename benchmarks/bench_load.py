@@ -2,7 +2,7 @@
 (nothing here is a test; ``tests/test_load.py`` runs a short bounded form in CI).
 
 The app is launched in this process on 127.0.0.1 (``app.ui.build_app`` + ``launch_app``, the bundled
-demo by default). Each client is a thread playing one page (``app.testing.slider_load``): it picks a tab
+demo by default). Each client is a thread playing one page (``app_harness.slider_load``): it picks a tab
 (attention, MLP, tokens, image, layers, scores in turn), then sends what the page sends while the FLOPs
 slider moves: the slider's ``change`` event (queue-less ``POST /gradio_api/run/budget_views``, the live
 readout and the tab's map) and loads the images it returns; every 5 moves the ``release`` event (queued:
@@ -38,6 +38,7 @@ os.environ.setdefault("VITSLIM_NO_PROGRESS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # app_harness: the test harness the benchmarks share
 
 P95_TARGET_MS = 500.0
 MEMORY_RATIO_TARGET = 1.10
@@ -64,7 +65,7 @@ class RetrainDriver:
     page on the Retrain tab; ``stop`` presses the page's Stop button."""
 
     def __init__(self, url: str, epochs: int, budget: float = 0.5) -> None:
-        from app.testing import PageClient
+        from app_harness import PageClient
         self.pc = PageClient(url, timeout=600)
         self.start_dep = self.pc.dependency("vs-start-btn", "click")
         self.data = self.pc.inputs(self.start_dep, **{"vs-flops-slider": budget, "vs-epochs": epochs,
@@ -85,7 +86,7 @@ class RetrainDriver:
         self.thread.start()
 
     def stop(self, url: str, timeout: float = 180) -> bool:
-        from app.testing import PageClient
+        from app_harness import PageClient
         with PageClient(url, timeout=60) as pc:
             dep = pc.dependency("vs-stop-btn", "click")
             pc.submit(dep, pc.inputs(dep))
@@ -95,12 +96,12 @@ class RetrainDriver:
 
 
 def _load_entry(kwargs: dict):
-    from app.testing import slider_load
+    from app_harness import slider_load
     return slider_load(**kwargs)
 
 
 class ClientProcess:
-    """Runs ``app.testing.slider_load`` in one spawned process (all its client threads there), so the
+    """Runs ``app_harness.slider_load`` in one spawned process (all its client threads there), so the
     clients neither share the server's GIL nor count in its memory. Results come back through
     multiprocessing (our own objects between our own processes)."""
 
@@ -134,12 +135,12 @@ def main() -> int:
 
     import torch
 
-    from app.explorer import Explorer
-    from app.jobs import RetrainJob
-    from app.testing import LIVE_VIEWS, free_port, run_for_tests, slider_load, wait_until
+    from vitslim_app.explorer import Explorer
+    from vitslim_app.jobs import RetrainJob
+    from app_harness import LIVE_VIEWS, free_port, run_for_tests, slider_load, wait_until
     clients_proc = None if a.clients_in_server else ClientProcess()
     load = clients_proc or slider_load
-    from app.ui import build_app, launch_app
+    from vitslim_app.ui import build_app, launch_app
     views = LIVE_VIEWS if a.views == "mixed" else None
     lo_n, hi_n = (int(v) for v in a.updates.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="vitslim-bench-load-"))

@@ -18,9 +18,9 @@ import pytest  # noqa: E402
 
 gr = pytest.importorskip("gradio")
 
-from app.explorer import Budget, Explorer, layer_rows, layer_table, readout_html  # noqa: E402
-from app.jobs import RetrainJob  # noqa: E402
-from app.testing import run_for_tests, wait_until  # noqa: E402
+from vitslim_app.explorer import Budget, Explorer, layer_rows, layer_table, readout_html  # noqa: E402
+from vitslim_app.jobs import RetrainJob  # noqa: E402
+from app_harness import run_for_tests, wait_until  # noqa: E402
 from vitslim_core import BudgetError, ScoreFileError, SlimPlan  # noqa: E402
 
 SKIP = gr.skip()
@@ -122,7 +122,7 @@ def test_impossible_budget_shows_the_message_and_leaves_the_views(ex, key):
 
 
 def test_approximated_budget_shows_the_achieved_ratio(ex, key, monkeypatch):
-    import app.explorer as explorer_mod
+    import vitslim_app.explorer as explorer_mod
     monkeypatch.setattr(explorer_mod, "DEFAULT_TOL", 0.0)
     res = Explorer([key], ex.workdir, job=ex.job).plan(ex.run(key), Budget.of("flops", 0.4321))
     assert "nearest plan costs" in res.note
@@ -316,7 +316,7 @@ def test_evaluate_at_a_budget_adds_a_point(ex, key):
 def test_sweep_writes_the_curve(ex, key, monkeypatch):
     import importlib
 
-    from app.runs import read_sweep, sweep_file
+    from vitslim_app.runs import read_sweep, sweep_file
     sweep_mod = importlib.import_module("vitslim_core.sweep")  # the package binds the name to the function
     monkeypatch.setattr(sweep_mod, "DEFAULT_BUDGETS", (0.5, 1.0))
     run = ex.run(key)
@@ -475,7 +475,7 @@ def test_api_functions(ex, key, tmp_path):
 
 
 def test_app_builds_with_named_endpoints(ex):
-    from app.ui import build_app
+    from vitslim_app.ui import build_app
     demo = build_app(explorer=ex)
     names = {d.api_name for d in demo.fns.values() if d.api_name}
     assert {"set_budget", "set_ratios", "token_overlay", "evaluate"} <= names
@@ -483,7 +483,7 @@ def test_app_builds_with_named_endpoints(ex):
 
 
 def test_cli_and_main_arguments(tmp_path, capsys):
-    from app.main import check_runs, parse_auth
+    from vitslim_app.main import check_runs, parse_auth
     from vitslim_core.cli import main
     assert main(["app", "--help"]) == 0
     assert "--auth" in capsys.readouterr().out

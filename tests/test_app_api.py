@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
-from app.testing import launch_for_tests, run_for_tests  # noqa: E402
+from app_harness import launch_for_tests, run_for_tests  # noqa: E402
 
 ENDPOINTS = ("/set_budget", "/set_ratios", "/token_overlay", "/evaluate")
 

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from app.testing import CHROMIUM_ARGS, launch_for_tests, run_for_tests  # noqa: E402
+from app_harness import CHROMIUM_ARGS, launch_for_tests, run_for_tests  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

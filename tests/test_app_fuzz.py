@@ -40,9 +40,9 @@ gr = pytest.importorskip("gradio")
 pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from app.explorer import VIEWS, Explorer  # noqa: E402
-from app.jobs import JobBusyError, RetrainJob  # noqa: E402
-from app.testing import run_for_tests  # noqa: E402
+from vitslim_app.explorer import VIEWS, Explorer  # noqa: E402
+from vitslim_app.jobs import JobBusyError, RetrainJob  # noqa: E402
+from app_harness import run_for_tests  # noqa: E402
 
 CALL_LIMIT = 30.0  # seconds: a callback slower than this is a hang (a slow shared CI core included)
 FUZZ = settings(deadline=None, derandomize=True, database=None, max_examples=25, print_blob=True,

@@ -29,7 +29,7 @@ gr = pytest.importorskip("gradio")
 requests = pytest.importorskip("requests")
 gradio_client = pytest.importorskip("gradio_client")
 
-from app.testing import launch_for_tests, run_for_tests  # noqa: E402
+from app_harness import launch_for_tests, run_for_tests  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 UPLOAD_LIMIT = 4096  # bytes: the launched test app's upload limit (the real one is app.ui.MAX_UPLOAD)
@@ -37,7 +37,7 @@ TIMEOUT = 20  # seconds for every HTTP request
 
 
 def _launch(run: Path, workdir: Path, monkeypatch_limit: bool = True, **kw):
-    import app.ui as ui
+    import vitslim_app.ui as ui
     old = ui.MAX_UPLOAD
     if monkeypatch_limit:
         ui.MAX_UPLOAD = f"{UPLOAD_LIMIT}b"  # launch_app reads it at launch
@@ -252,7 +252,7 @@ def test_uploaded_runs_cannot_use_server_datasets(served, tmp_path):
 
 # ====================================================================== uploads
 def test_upload_size_is_limited(served):
-    import app.ui as ui
+    import vitslim_app.ui as ui
     from gradio.utils import _parse_file_size
     demo, url, _ = served
     limit = _parse_file_size(ui.MAX_UPLOAD)
@@ -291,7 +291,7 @@ def test_auth_refuses_anonymous_requests(tmp_path_factory):
 @pytest.fixture
 def fake_launch(monkeypatch):
     """serve() without a server: records what it would launch."""
-    import app.ui as ui
+    import vitslim_app.ui as ui
     seen: dict = {}
 
     class FakeDemo:
@@ -309,7 +309,7 @@ def fake_launch(monkeypatch):
 
 
 def test_default_host_is_localhost_without_warning(fake_launch, capsys):
-    from app.main import main
+    from vitslim_app.main import main
     assert main(["--no-browser"]) == 0
     assert fake_launch["host"] == "127.0.0.1" and fake_launch["auth"] is None
     assert "warning" not in capsys.readouterr().err
@@ -317,7 +317,7 @@ def test_default_host_is_localhost_without_warning(fake_launch, capsys):
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10"])
 def test_other_hosts_warn(fake_launch, capsys, host):
-    from app.main import main
+    from vitslim_app.main import main
     assert main(["--host", host, "--no-browser"]) == 0
     err = capsys.readouterr().err
     assert fake_launch["host"] == host

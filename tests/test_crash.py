@@ -288,8 +288,8 @@ def test_unwritable_output_folder_fails_before_training(tmp_path, capsys):
 
 def test_app_says_a_run_is_incomplete(tmp_path, server):
     pytest.importorskip("gradio")
-    from app.explorer import run_summary
-    from app.runs import RunRegistry
+    from vitslim_app.explorer import run_summary
+    from vitslim_app.runs import RunRegistry
     out = tmp_path / "run"
     rc, _ = server.run("after", 8, out, SEARCH)  # killed after the second checkpoint
     assert rc == -signal.SIGKILL

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 pytest.importorskip("gradio")
 pytest.importorskip("httpx")
 
-from app.testing import PageClient, launch_for_tests, run_for_tests, slider_load  # noqa: E402
+from app_harness import PageClient, launch_for_tests, run_for_tests, slider_load  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +88,13 @@ def test_no_memory_or_figure_leak(served):
 
 
 def test_queue_is_bounded(served):
-    from app.ui import MAX_QUEUE
+    from vitslim_app.ui import MAX_QUEUE
     demo, _ = served
     assert demo._queue.max_size == MAX_QUEUE
 
 
 def test_background_work_yields_to_interactive_requests():
-    from app.jobs import Activity
+    from vitslim_app.jobs import Activity
     act = Activity(linger=0.0)
     assert act.wait_quiet(1.0) < 0.1  # nobody interactive: no wait
     entered, release = threading.Event(), threading.Event()

@@ -42,7 +42,7 @@ def kernel_env(run: Path | None, tmp: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tutorial_run(tmp_path_factory) -> Path | None:
     """None when the bundled demo exists (the notebooks' default); else a quick run to stand in for it."""
-    from app.testing import bundled_demo, run_for_tests
+    from app_harness import bundled_demo, run_for_tests
     if os.environ.get("VITSLIM_TEST_RUN"):
         return Path(os.environ["VITSLIM_TEST_RUN"])
     return None if bundled_demo() else run_for_tests(tmp_path_factory.getbasetemp())

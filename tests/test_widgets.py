@@ -10,8 +10,8 @@ import pytest  # noqa: E402
 
 W = pytest.importorskip("ipywidgets")
 
-from app.testing import run_for_tests, wait_until  # noqa: E402
-from app.widgets import TABS, PanelBudget, SlimPanel, layer_rows, layer_table_html, png_bytes  # noqa: E402
+from app_harness import run_for_tests, wait_until  # noqa: E402
+from vitslim_app.widgets import TABS, PanelBudget, SlimPanel, layer_rows, layer_table_html, png_bytes  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

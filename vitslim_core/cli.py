@@ -498,7 +498,7 @@ def add_demo(sub) -> None:
 
 
 def cmd_app(a: argparse.Namespace) -> int:
-    from app.main import serve
+    from vitslim_app.main import serve
     return serve(a)
 
 
@@ -508,7 +508,7 @@ def add_app(sub) -> None:
                                    "heads, MLP units and tokens survive, evaluate, retrain and export. Without RUN it "
                                    "opens the bundled digits demo. Listens on 127.0.0.1 unless --host is given.")
     try:
-        from app.main import add_arguments
+        from vitslim_app.main import add_arguments
     except ImportError:  # the app package is not installed next to the engine
         p.add_argument("runs", nargs="*")
     else:

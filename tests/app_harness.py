@@ -53,9 +53,9 @@ def run_for_tests(base: Path) -> Path:
 def launch_for_tests(run: Path, workdir: Path, **launch_kwargs: Any) -> tuple[Any, str]:
     """Build the app on ``run`` (a fresh retraining job) and launch it on 127.0.0.1 at a free port
     without blocking; returns ``(demo, url)``. The caller closes it with ``demo.close()``."""
-    from .explorer import Explorer
-    from .jobs import RetrainJob
-    from .ui import build_app, launch_app
+    from vitslim_app.explorer import Explorer
+    from vitslim_app.jobs import RetrainJob
+    from vitslim_app.ui import build_app, launch_app
     demo = build_app(explorer=Explorer([run], workdir, job=RetrainJob()))
     port = free_port()
     launch_app(demo, host="127.0.0.1", port=port, quiet=True, prevent_thread_lock=True, **launch_kwargs)
