@@ -158,7 +158,7 @@ def run_summary(run: OpenRun) -> str:
     s = run.spec
     name = str((run.scores.model_recipe or {}).get("name") or s.model_name or "model")
     w = "" if run.has_weights else " · **scores only**"
-    from vitslim_core.search import run_status
+    from vitslim_core.run_folder import run_status
     note = run_status(run.scores)  # an unfinished (stopped or killed) search says so
     w += f" · **{html.escape(note)}**" if note else ""
     c = count_cost(s)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import threading
@@ -18,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from vitslim_core.errors import DataError, ScoreFileError, VitSlimError
+from vitslim_core.run_folder import SWEEP_FILE, read_history, read_sweep_rows
 from vitslim_core.scores import MaskScores
 
-MAX_HISTORY_BYTES = 64 << 20
 # datasets an uploaded run may name: built in, nothing read from or written to the server's disk
 UPLOAD_DATASETS = ("digits", "synthetic")
 MAX_UPLOAD_SYNTHETIC = 10_000
@@ -104,7 +103,7 @@ class OpenRun:
             raise MissingWeightsError(self.missing_weights_message("this"))
         with self._lock:
             if self._model is None:
-                from vitslim_core.search import load_run
+                from vitslim_core.run_folder import load_run
                 _, self._model = load_run(self.folder)
             return self._model
 
@@ -114,7 +113,7 @@ class OpenRun:
         recipe = self.scores.model_recipe
         if not recipe:
             raise ScoreFileError(f"run '{self.label}' does not say which model it was made for")
-        return rebuild_model(recipe).eval()
+        return rebuild_model(recipe, expect=self.spec).eval()  # checked on the meta device first
 
     def data(self, augment: bool = False):
         """The run's dataset bundle (test split for evaluation)."""
@@ -197,105 +196,6 @@ def _run_label(folder: Path, bundled: bool) -> str:
     return folder.name or str(folder)
 
 
-def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _records(rows: Any, need: tuple[str, ...], keys: tuple[str, ...]) -> list[dict]:
-    """The dict rows of a history list that have numbers under ``need``, with only their numeric ``keys``."""
-    if not isinstance(rows, list):
-        return []
-    out = []
-    for r in rows:
-        if isinstance(r, dict) and all(_num(r.get(k)) for k in need):
-            out.append({k: r[k] for k in keys if _num(r.get(k))})
-    return out
-
-
-def clean_history(h: Any) -> dict | None:
-    """A history.json as the history figure reads it: log and eval records of finite numbers, snapshots
-    of per-layer number lists (an uploaded history is user data: anything else is dropped)."""
-    if not isinstance(h, dict):
-        return None
-    out = dict(h)
-    out["log"] = _records(h.get("log"), ("step",), ("step", "epoch", "loss", "task_loss", "acc", "attn", "mlp",
-                                                    "token"))
-    out["eval"] = _records(h.get("eval"), ("top1",), ("step", "epoch", "top1", "top5", "loss", "n"))
-    snaps = []
-    for s in h.get("snapshots") if isinstance(h.get("snapshots"), list) else []:
-        if isinstance(s, dict):
-            snap = {k: s[k] for k in ("attn", "mlp", "token")
-                    if isinstance(s.get(k), list) and all(_num(v) for v in s[k])}
-            if _num(s.get("step")):
-                snap["step"] = s["step"]
-            snaps.append(snap)
-    out["snapshots"] = snaps
-    return out
-
-
-def read_history(folder: Path) -> dict | None:
-    p = folder / "history.json"
-    if not p.is_file() or p.stat().st_size > MAX_HISTORY_BYTES:
-        return None
-    try:
-        h = json.loads(p.read_bytes())
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    return clean_history(h)
-
-
-def check_meta(scores: MaskScores, label: str) -> None:
-    """Check the descriptive parts of a score file that the app reads (data config, model recipe, search and
-    eval records, class names): a malformed one is a ScoreFileError here, not a crash in some view later.
-    The data config must describe the model's own input (an uploaded file could otherwise ask for a huge
-    image tensor)."""
-    meta, s = scores.meta, scores.spec
-
-    def bad(what: str) -> ScoreFileError:
-        return ScoreFileError(f"run '{label}' has a malformed score file: {what}")
-    if not isinstance(meta, dict):
-        raise bad("its metadata is not a JSON object")
-    for k in ("data", "model", "search", "eval"):
-        if meta.get(k) is not None and not isinstance(meta[k], dict):
-            raise bad(f"'{k}' is not a JSON object")
-    data, model = meta.get("data") or {}, meta.get("model") or {}
-    if data.get("name") is not None and not isinstance(data["name"], str):
-        raise bad("data.name is not text")
-    names = data.get("class_names")
-    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)
-                                  and len(names) <= 1_000_000):
-        raise bad("data.class_names is not a list of names")
-    if "input_size" in data:
-        size = data["input_size"]
-        if not (isinstance(size, list) and len(size) == 3 and all(_num(v) for v in size)
-                and [int(v) for v in size] == [s.in_chans, *s.img_size]):
-            raise bad(f"data.input_size {str(size)[:40]} is not the model's input "
-                      f"{[s.in_chans, *s.img_size]}")
-    for k in ("mean", "std"):
-        v = data.get(k)
-        if v is None:
-            continue
-        vals = v if isinstance(v, list) else [v]
-        if not (vals and len(vals) in (1, s.in_chans) and all(_num(x) for x in vals)
-                and (k == "mean" or min(vals) > 0)):
-            raise bad(f"data.{k} must be 1 or {s.in_chans} finite numbers{' above 0' if k == 'std' else ''}")
-    for k in ("interpolation", "crop_mode"):
-        if data.get(k) is not None and not isinstance(data[k], str):
-            raise bad(f"data.{k} is not text")
-    if data.get("crop_pct") is not None and not (_num(data["crop_pct"]) and 0 < data["crop_pct"] <= 1):
-        raise bad("data.crop_pct is not a fraction in (0, 1]")
-    if model.get("name") is not None and not isinstance(model["name"], str):
-        raise bad("model.name is not text")
-    if model.get("kwargs") is not None and not isinstance(model["kwargs"], dict):
-        raise bad("model.kwargs is not a JSON object")
-    searched = (meta.get("search") or {}).get("searched")
-    if searched is not None and not isinstance(searched, dict):
-        raise bad("search.searched is not a JSON object")
-    top1 = (meta.get("eval") or {}).get("top1")
-    if top1 is not None and not _num(top1):
-        raise bad("eval.top1 is not a number")
-
-
 class RunRegistry:
     """The runs one app may open, loaded lazily and cached by folder and file time."""
 
@@ -352,10 +252,9 @@ class RunRegistry:
             hit = self._cache.get(str(folder))
             if hit and hit[0] == stamp:
                 return hit[1]
-        scores = MaskScores.load(scores_file)
+        scores = MaskScores.load(scores_file)  # header, recipe and data config all checked here
         uploaded = folder not in self.startup
         label = self._upload_label(folder) if uploaded else _run_label(folder, folder == self.bundled)
-        check_meta(scores, label)
         run = OpenRun(str(folder), label, folder, scores, read_history(folder), bundled=folder == self.bundled,
                       uploaded=uploaded)
         with self._lock:
@@ -403,7 +302,7 @@ class RunRegistry:
                                      f"(its format is {fmt!r})")
         if scores_src is None:
             raise ScoreFileError("upload a scores.safetensors (weights model.safetensors and history.json optional)")
-        check_meta(MaskScores.load(scores_src), Path(scores_src).name)  # validate before keeping anything
+        MaskScores.load(scores_src)  # validate everything before keeping anything
         digest = hashlib.sha256()
         for f in (scores_src, weights_src):
             if f is not None:
@@ -444,12 +343,8 @@ def sweep_file(run: OpenRun, workdir: Path) -> Path:
 
 def read_sweep(run: OpenRun, workdir: Path) -> list[dict] | None:
     """Rows of the run's sweep.json (work-dir copy first, then the run folder); None if absent."""
-    for p in (sweep_file(run, workdir), run.folder / "sweep.json"):
-        if p.is_file() and p.stat().st_size < MAX_HISTORY_BYTES:
-            try:
-                rows = json.loads(p.read_bytes()).get("rows")
-            except (OSError, ValueError, AttributeError, UnicodeDecodeError):
-                continue
-            if isinstance(rows, list):
-                return [r for r in rows if isinstance(r, dict)]
+    for p in (sweep_file(run, workdir), run.folder / SWEEP_FILE):
+        rows = read_sweep_rows(p)
+        if rows is not None:
+            return rows
     return None

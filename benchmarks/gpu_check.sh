@@ -38,7 +38,7 @@ echo "killed at step >= $step"
 $PY -m vitslim_core $S --out "$OUTDIR/crash" --resume >/dev/null || echo "resume FAILED"
 $PY - "$OUTDIR" <<'EOF'
 import sys, torch
-from vitslim_core.search import load_run
+from vitslim_core.run_folder import load_run
 a, _ = load_run(sys.argv[1] + "/ref"); b, _ = load_run(sys.argv[1] + "/crash")
 d = max(float((x - y).abs().max()) for x, y in zip(a.attn + a.mlp + a.token, b.attn + b.mlp + b.token))
 print(f"resumed vs uninterrupted CUDA/AMP search: max |score difference| = {d:.3g}; complete={b.meta['complete']}")

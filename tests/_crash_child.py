@@ -6,7 +6,8 @@ them once and forks a child per run. It reads one JSON request per line on stdin
 ``{"mode": ..., "n": ..., "out": ..., "argv": [...]}``, and answers two lines on stdout:
 ``{"pid": PID}`` when the child starts and ``{"rc": RC}`` when it ends (``-9`` for SIGKILL).
 
-MODE says where the N-th atomic write into ``out`` (counted at its rename) dies: ``before`` (temp
+MODE says where the N-th atomic write into ``out`` (counted at its rename; a folder switch of
+``io.atomic_dir`` counts as one write) dies: ``before`` (temp
 file complete, not renamed), ``half`` (temp file cut to half its length, as if the process died
 while writing it) or ``after`` (renamed, the next write not begun); ``enospc`` makes that write fail as on a full disk.
 ``none`` never kills (the test
@@ -44,6 +45,27 @@ def _arm(mode: str, n: int, out: Path) -> None:
         return real_replace(src, dst, *a, **kw)
 
     os.replace = replace
+
+    import vitslim_core.io as vio
+    real_switch = vio._switch_dir
+
+    def switch(new, path):  # a whole folder (slim model) changing in one step counts as one write
+        if mode == "none" or out not in Path(path).resolve().parents:
+            return real_switch(new, path)
+        count["n"] += 1
+        if count["n"] == n:
+            if mode == "enospc":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            if mode == "half":  # died while filling the new folder: its last file cut in half
+                last = max(Path(new).iterdir(), key=lambda p: p.stat().st_mtime_ns)
+                with open(last, "rb+") as f:
+                    f.truncate(last.stat().st_size // 2)
+            if mode == "after":
+                real_switch(new, path)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_switch(new, path)
+
+    vio._switch_dir = switch
 
 
 def _child(req: dict) -> int:

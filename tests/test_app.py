@@ -369,7 +369,7 @@ def _fake_runner(steps: int, delay: float = 0.0):
     """Like retrain(): logs steps, honours should_stop, writes a real slim model to out/last."""
     def runner(cfg, on_log=None, should_stop=None):
         from vitslim_core.plan import plan_for_flops
-        from vitslim_core.search import load_run
+        from vitslim_core.run_folder import load_run
         from vitslim_core.slim import save_slim, slim_model
         scores, model = load_run(cfg.run)
         plan = plan_for_flops(scores, cfg.flops)

@@ -118,8 +118,8 @@ def _assert_files_whole(folder: Path) -> None:
     """Every file a reader would open is complete: JSON parses, safetensors and checkpoints load."""
     from vitslim_core.train import load_checkpoint
     for p in folder.rglob("*"):
-        if not p.is_file() or p.name.startswith("."):
-            continue
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue  # our temp files and folders: no reader opens them
         if p.suffix == ".json":
             json.loads(p.read_text())
         elif p.suffix == ".safetensors":
@@ -130,7 +130,7 @@ def _assert_files_whole(folder: Path) -> None:
 
 def _assert_search_folder_state(out: Path) -> None:
     """After a kill the search folder loads (and says it is incomplete) or says why it does not."""
-    from vitslim_core.search import load_run, run_status
+    from vitslim_core.run_folder import load_run, run_status
     _assert_files_whole(out)
     if not (out / "scores.safetensors").exists():
         return
@@ -149,7 +149,7 @@ def _resume_until_done(server: ForkServer, out: Path, args: list[str], first_rc:
     rc, err = server.run("none", 0, out, args, resume=resume)
     assert rc == 0, err
     assert "Traceback" not in err
-    assert not list(out.rglob(".*.tmp")), "stale temp files were not cleaned up"
+    assert not list(out.rglob(".*.tmp")), "stale temp files or folders were not cleaned up"
 
 
 # the writes of one search checkpoint, in order: checkpoint.pt, model.safetensors, scores.safetensors,
@@ -157,7 +157,7 @@ def _resume_until_done(server: ForkServer, out: Path, args: list[str], first_rc:
 @pytest.mark.parametrize("mode,n", [("half", 1), ("before", 2), ("after", 2), ("half", 3), ("half", 5),
                                     ("after", 7)])
 def test_search_killed_at_a_write_resumes_to_the_same_scores(tmp_path, server, reference, mode, n):
-    from vitslim_core.search import load_run
+    from vitslim_core.run_folder import load_run
     out = tmp_path / "run"
     rc, _ = server.run(mode, n, out, SEARCH)
     _assert_search_folder_state(out)
@@ -177,7 +177,7 @@ def test_search_killed_at_a_write_resumes_to_the_same_scores(tmp_path, server, r
 
 def test_search_killed_at_random_times_resumes_to_the_same_scores(tmp_path, server, reference):
     """Kill at random moments (mid-step, mid-write, mid-evaluation), resume, repeat until it finishes."""
-    from vitslim_core.search import load_run
+    from vitslim_core.run_folder import load_run
     out, rng = tmp_path / "run", random.Random(7)
     kills = 0
     for _ in range(4):  # four kills, each after the next checkpoint, then a run to the end
@@ -207,9 +207,10 @@ def test_search_killed_at_random_times_resumes_to_the_same_scores(tmp_path, serv
             assert torch.equal(x, y), kind
 
 
-# one retraining checkpoint renames: checkpoint.pt, last/model.safetensors, last/slim.json, then at the
-# final step best/model.safetensors, best/slim.json, best/eval.json, and always history.json
-@pytest.mark.parametrize("mode,n", [("half", 2), ("after", 5), ("half", 25), ("after", 27)])
+# retraining writes plan.json (1), then per checkpoint checkpoint.pt, the folder last/ (one switch), at the
+# final step the folder best/ (weights, slim.json and eval.json in one switch), and history.json: steps 1-5
+# are writes 2-16, step 6 is checkpoint 17, last/ 18, best/ 19, history 20
+@pytest.mark.parametrize("mode,n", [("half", 2), ("after", 6), ("before", 18), ("half", 19), ("after", 19)])
 def test_retrain_killed_at_a_write_resumes_to_the_same_weights(tmp_path, server, reference, mode, n):
     from vitslim_core import load_slim
     out = tmp_path / "rt"
@@ -229,7 +230,7 @@ def test_retrain_killed_at_a_write_resumes_to_the_same_weights(tmp_path, server,
 
 def test_interrupted_run_folder_is_reported_not_paired_with_other_weights(tmp_path, server, reference, capsys):
     """Scores from one step next to weights from another are refused with a way out."""
-    from vitslim_core.search import load_run
+    from vitslim_core.run_folder import load_run
     out = tmp_path / "run"
     rc, _ = server.run("after", 6, out, SEARCH)  # second checkpoint: checkpoint.pt and model.safetensors renamed
     assert rc == -signal.SIGKILL
@@ -242,7 +243,7 @@ def test_interrupted_run_folder_is_reported_not_paired_with_other_weights(tmp_pa
 
 
 def test_incomplete_search_is_reported(tmp_path, server, reference, capsys):
-    from vitslim_core.search import load_run, run_status
+    from vitslim_core.run_folder import load_run, run_status
     out = tmp_path / "run"
     rc, _ = server.run("after", 8, out, SEARCH)  # the second checkpoint fully written, then killed
     assert rc == -signal.SIGKILL
@@ -262,7 +263,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_disk_full_during_a_search_is_one_line_and_loses_nothing(tmp_path, server, reference):
-    from vitslim_core.search import load_run
+    from vitslim_core.run_folder import load_run
     out = tmp_path / "run"
     rc, err = server.run("enospc", 6, out, SEARCH)  # the second checkpoint's weights
     assert rc == 2 and "Traceback" not in err, err

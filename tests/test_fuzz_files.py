@@ -354,7 +354,7 @@ def test_plans_for_huge_architectures_fail_fast(arch):
 # ============================================================================ slim folders
 @pytest.fixture(scope="module")
 def slim_folder(tmp_path_factory):
-    from vitslim_core.search import load_run
+    from vitslim_core.run_folder import load_run
     from vitslim_core.slim import save_slim, slim_model
     scores, model = load_run(DEMO_DIR)
     plan = SlimPlan.from_dict(DEMO_PLAN)

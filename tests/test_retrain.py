@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from vitslim_core import count_cost, load_slim
 from vitslim_core.demo import DEMO_DIR
 from vitslim_core.retrain import RetrainConfig, retrain
-from vitslim_core.search import load_run
+from vitslim_core.run_folder import load_run
 from vitslim_core.slim import slim_model
 from vitslim_core.train import evaluate
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from vitslim_core import MaskScores
-from vitslim_core.search import SearchConfig, load_run, search
+from vitslim_core.run_folder import load_run
+from vitslim_core.search import SearchConfig, search
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(model="digits-vit", data="digits", batch_size=32, device="cpu", log_every=2, seed=3, epochs=1)

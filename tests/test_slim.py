@@ -292,7 +292,8 @@ def named_slim(key: str, seed: int = 0):
 @pytest.mark.parametrize("key", ["deit", "distilled", "reg_gap"])
 def test_save_load_roundtrip(key, tmp_path):
     _, slim = named_slim(key)
-    slim.slim_data = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "input_size": [3, 64, 64],
+    spec = slim.slim_plan.spec
+    slim.slim_data = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "input_size": [3, *spec.img_size],
                       "class_names": [f"c{i}" for i in range(10)]}
     out = save_slim(slim, tmp_path / "slim")
     meta = json.loads((out / "slim.json").read_text())

@@ -7,7 +7,8 @@ from .plan import BudgetWarning, SlimPlan, default_multiple, plan_for_flops, pla
 from .scores import MaskScores
 # functions named like their modules are bound eagerly, so the name means the function
 from .retrain import RetrainConfig, retrain
-from .search import SearchConfig, load_run, search
+from .run_folder import load_run, run_status
+from .search import SearchConfig, search
 from .sweep import sweep
 from .spec import ArchSpec, arch_spec
 
@@ -29,5 +30,5 @@ __all__ = [
     "ScoreFileError", "SlimPlan", "UnsupportedModelError", "VitSlimError", "add_masks", "arch_spec",
     "count_cost", "get_masks", "plan_for_flops", "plan_for_ratios", "remove_masks", "removal_order",
     "default_multiple", "slim_model", "apply_hard_masks", "save_slim", "load_slim", "export_program", "export_onnx",
-    "search", "SearchConfig", "load_run", "retrain", "RetrainConfig", "evaluate", "measure_latency", "sweep",
+    "search", "SearchConfig", "load_run", "run_status", "retrain", "RetrainConfig", "evaluate", "measure_latency", "sweep",
 ]

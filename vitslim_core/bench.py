@@ -1,6 +1,7 @@
 """Latency measurement: dense vs slim, side by side in one process."""
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from contextlib import contextmanager
@@ -9,12 +10,18 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from .errors import VitSlimError
+
 
 @contextmanager
 def _threads(n: int | None) -> Iterator[None]:
     if not n:
         yield
         return
+    limit = 4 * (os.cpu_count() or 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
+        # OpenMP crashes (or fails to create its kernels) far above the core count
+        raise VitSlimError(f"threads must be an integer from 1 to {limit} on this machine, got {n!r}")
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import VitSlimError
+from .io import refuse_overlap
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,29 +83,67 @@ _non_negative = _finite_float(0.0)
 
 
 def _device(text: str) -> str:
-    if text == "auto":
-        return text
-    import torch
+    from .train import check_device
     try:
-        torch.device(text)
-    except (RuntimeError, ValueError, TypeError):
-        raise argparse.ArgumentTypeError(f"not a device: {text!r} (use auto, cpu, cuda or cuda:N)") from None
-    return text
+        return check_device(text)
+    except VitSlimError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _threads(text: str) -> int:
+    v = _positive_int(text)
+    limit = 4 * (os.cpu_count() or 1)
+    if v > limit:  # OpenMP crashes (or fails to create kernels) far above the core count
+        raise argparse.ArgumentTypeError(f"at most {limit} threads on this machine ({os.cpu_count()} cores), got {v}")
+    return v
+
+
+# ----------------------------------------------------------------------------- shared options
+# Every option that more than one command takes is defined once here; ``_options`` adds them by name
+# (``default=`` and ``help=`` may be overridden per command).
+OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "data": (("--data",), dict(help="dataset (default: the one the run was made for): digits | fashion-mnist[:PATH] | "
+                                    "synthetic[:N] | imagefolder:PATH | cifar10:PATH | cifar100:PATH")),
+    "download": (("--download",), dict(action="store_true",
+                                       help="allow downloading a dataset that is not on disk (torchvision)")),
+    "no_augment": (("--no-augment",), dict(action="store_true", help="no training augmentation")),
+    "device": (("--device",), dict(type=_device, default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")),
+    "batch_size": (("--batch-size",), dict(type=_positive_int, default=128, help="batch size (default %(default)s)")),
+    "plan": (("--plan",), dict(help="a plan JSON file (from vitslim plan --save) instead of a budget")),
+    "multiple": (("--multiple",), dict(type=_positive_int,
+                                       help="round kept dims per head and MLP width up to a multiple "
+                                            "(default: 8 for heads of >= 32 dims, else 1)")),
+    "json": (("--json",), dict(action="store_true", help="print JSON")),
+    "distill_tau": (("--distill-tau",), dict(type=_non_negative, default=1.0, help="distillation temperature")),
+    "distill_alpha": (("--distill-alpha",), dict(type=_non_negative, default=0.5,
+                                                 help="weight of the distillation loss")),
+    "pretrained": (("--pretrained",), dict(action="store_true", help="for a timm name: download timm's "
+                                                                        "pretrained weights (needs internet)")),
+    "checkpoint": (("--checkpoint",), dict(help="for a timm name: local .pth/.safetensors weights")),
+    "img_size": (("--img-size",), dict(type=_positive_int, help="input resolution (default: the model's)")),
+}
+
+
+def _options(p: argparse.ArgumentParser | Any, *names: str, **overrides: dict[str, Any]) -> None:
+    """Add shared options by name; ``overrides[name]`` replaces parts of their definition."""
+    for name in names:
+        flags, kw = OPTIONS[name]
+        p.add_argument(*flags, **{**kw, **overrides.get(name, {})})
 
 
 # ----------------------------------------------------------------------------- search
 def _add_loop_args(p: argparse.ArgumentParser, epochs: int, lr: float, batch: int) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=epochs, help="training epochs (default %(default)s)")
-    g.add_argument("--batch-size", type=_positive_int, default=batch,
-                   help="GLOBAL batch size, split over torchrun processes (default %(default)s)")
+    _options(g, "batch_size", batch_size=dict(default=batch, help="GLOBAL batch size, split over torchrun "
+                                                                 "processes (default %(default)s)"))
     g.add_argument("--lr", type=_non_negative, default=lr, help="peak learning rate of AdamW (default %(default)s)")
     g.add_argument("--weight-decay", type=_non_negative, default=0.05, help="AdamW weight decay (default %(default)s)")
     g.add_argument("--warmup-steps", type=_non_negative_int, default=0, help="linear warm-up steps before cosine decay")
     g.add_argument("--max-steps", type=_non_negative_int, default=0, help="stop after this many steps (0: all epochs)")
     g.add_argument("--grad-clip", type=_non_negative, default=0.0, help="clip gradient norm (0: off)")
     g.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default %(default)s)")
-    g.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda (default %(default)s)")
+    _options(g, "device")
     g.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     g.add_argument("--workers", type=_non_negative_int, default=0, help="data loader workers (default %(default)s)")
     g.add_argument("--log-every", type=_positive_int, default=10, help="history record every N steps")
@@ -123,14 +162,14 @@ def _loop_kwargs(a: argparse.Namespace) -> dict[str, Any]:
 def _add_model_args(p: argparse.ArgumentParser, default_model: str | None) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=default_model, required=default_model is None,
-                   help="timm model name (deit_small_patch16_224, ...) or digits-vit (default %(default)s)")
+                   help="timm model name (deit_small_patch16_224, ...), digits-vit or fashion-vit "
+                        "(default %(default)s)")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights (needs internet)")
-    src.add_argument("--checkpoint", help="local .pth/.safetensors weights for --model")
-    g.add_argument("--img-size", type=_positive_int, help="input resolution (default: the model's)")
-    g.add_argument("--data", default="digits",
-                   help="digits | synthetic[:N] | imagefolder:PATH | cifar10:PATH | cifar100:PATH (default %(default)s)")
-    g.add_argument("--no-augment", action="store_true", help="no training augmentation")
+    _options(src, "pretrained", "checkpoint", pretrained=dict(help="download timm's pretrained weights (needs internet)"),
+             checkpoint=dict(help="local .pth/.safetensors weights for --model"))
+    _options(g, "img_size", "data", "download", "no_augment", data=dict(default="digits", help=(
+        "digits | fashion-mnist[:PATH] | synthetic[:N] | imagefolder:PATH | cifar10:PATH | cifar100:PATH "
+        "(default %(default)s)")))
 
 
 def cmd_search(a: argparse.Namespace) -> int:
@@ -140,7 +179,7 @@ def cmd_search(a: argparse.Namespace) -> int:
                        w_attn=a.w_attn, w_mlp=a.w_mlp, w_token=a.w_token, search_attn=not a.no_attn,
                        search_mlp=not a.no_mlp, search_token=not a.no_token, distill=a.distill,
                        distill_tau=a.distill_tau, distill_alpha=a.distill_alpha, masks_only=a.masks_only,
-                       mask_lr=a.mask_lr, drop_path=a.drop_path, **_loop_kwargs(a))
+                       mask_lr=a.mask_lr, drop_path=a.drop_path, download=a.download, **_loop_kwargs(a))
     res = search(cfg, resume=a.resume)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only the first process reports
         return 0
@@ -171,8 +210,7 @@ def add_search(sub) -> None:
     g.add_argument("--mask-lr", type=_non_negative, help="learning rate of the scores (default: --lr)")
     g.add_argument("--masks-only", action="store_true", help="train only the scores and norm layers")
     g.add_argument("--distill", action="store_true", help="distil from the unmasked model (soft targets)")
-    g.add_argument("--distill-tau", type=_non_negative, default=1.0, help="distillation temperature")
-    g.add_argument("--distill-alpha", type=_non_negative, default=0.5, help="weight of the distillation loss")
+    _options(g, "distill_tau", "distill_alpha")
     g.add_argument("--drop-path", type=_non_negative, default=0.0, help="stochastic depth rate")
     _add_loop_args(p, epochs=10, lr=1e-4, batch=64)
     p.set_defaults(func=cmd_search)
@@ -186,7 +224,7 @@ def _load_scores(path: str):
 
 def _note_incomplete(scores):
     """Say so on stderr when the scores come from an unfinished search (the command still runs)."""
-    from .search import run_status
+    from .run_folder import run_status
     note = run_status(scores)
     if note:
         print(f"note: {note}", file=sys.stderr)
@@ -203,12 +241,7 @@ def make_plan(scores, a: argparse.Namespace):
                                multiple=a.multiple or 1)
     if a.flops is None:
         raise VitSlimError("give a budget: --flops RATIO or --attn/--mlp/--token fractions")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        plan = plan_for_flops(scores, a.flops, mix=a.mix, multiple=a.multiple)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-    return plan
+    return plan_for_flops(scores, a.flops, mix=a.mix, multiple=a.multiple)  # BudgetWarning: see _Warnings
 
 
 def _add_budget_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -218,9 +251,7 @@ def _add_budget_args(p: argparse.ArgumentParser, required: bool = False) -> None
     g.add_argument("--mlp", type=_ratio, help="fraction of MLP units to keep")
     g.add_argument("--token", type=_ratio, help="fraction of (layer, patch) token pairs to keep")
     g.add_argument("--mix", type=_mix, help="relative pruning speed attn,mlp,token for --flops (default 1,1,1)")
-    g.add_argument("--multiple", type=_positive_int,
-                   help="round kept dims per head and MLP width up to a multiple "
-                        "(default: 8 for heads of >= 32 dims, else 1)")
+    _options(g, "multiple")
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
@@ -231,6 +262,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
     else:
         print(plan.table())
     if a.save:
+        from .run_folder import RUN_FILES, run_dir_of
+        refuse_overlap(a.save, [run_dir_of(a.run) / n for n in RUN_FILES] + [a.run], "--save")
         plan.save(a.save)
         print(f"wrote {a.save}", file=sys.stderr if a.json else sys.stdout)
     return 0
@@ -242,7 +275,7 @@ def add_plan(sub) -> None:
     p.add_argument("run", help="search run folder or scores.safetensors")
     _add_budget_args(p)
     p.add_argument("--save", help="write the plan as JSON to this file")
-    p.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
+    _options(p, "json", json=dict(help="print a JSON summary instead of the table"))
     p.set_defaults(func=cmd_plan)
 
 
@@ -260,8 +293,9 @@ def _plan_from_args(scores, a: argparse.Namespace):
 
 def cmd_slim(a: argparse.Namespace) -> int:
     from .export import export_onnx, export_program
-    from .search import load_run
+    from .run_folder import load_run
     from .slim import save_slim, slim_model
+    refuse_overlap(a.out, [a.run, a.plan])  # the slim folder is replaced whole
     scores, model = load_run(a.run)
     _note_incomplete(scores)
     plan = _plan_from_args(scores, a)
@@ -286,8 +320,8 @@ def add_slim(sub) -> None:
                                    "needs no masks, saved as model.safetensors + slim.json.")
     p.add_argument("run", help="search run folder (scores.safetensors + model.safetensors)")
     _add_budget_args(p)
-    p.add_argument("--plan", help="a plan JSON file (from vitslim plan --save) instead of a budget")
-    p.add_argument("--out", required=True, help="folder to write the slim model to")
+    _options(p, "plan")
+    p.add_argument("--out", required=True, help="folder to write the slim model to (replaced whole)")
     p.add_argument("--export", action="store_true", help="also write a torch.export program model.pt2")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx package)")
     p.set_defaults(func=cmd_slim)
@@ -298,7 +332,8 @@ def cmd_retrain(a: argparse.Namespace) -> int:
     cfg = RetrainConfig(run=a.run, out=a.out, plan=a.plan, flops=a.flops, attn=a.attn, mlp=a.mlp, token=a.token,
                         multiple=a.multiple, data=a.data, distill=a.distill, distill_tau=a.distill_tau,
                         distill_alpha=a.distill_alpha, mixup=a.mixup, cutmix=a.cutmix,
-                        label_smoothing=a.smoothing, augment=not a.no_augment, **_loop_kwargs(a))
+                        label_smoothing=a.smoothing, augment=not a.no_augment, download=a.download,
+                        **_loop_kwargs(a))
     res = retrain(cfg, resume=a.resume)
     if os.environ.get("RANK", "0") != "0":
         return 0
@@ -314,14 +349,12 @@ def add_retrain(sub) -> None:
                                    "Multi-GPU: torchrun --nproc_per_node=N -m vitslim_core retrain ...")
     p.add_argument("run", help="search run folder")
     _add_budget_args(p)
-    p.add_argument("--plan", help="a plan JSON file instead of a budget")
+    _options(p, "plan")
     p.add_argument("--out", default="runs/retrain", help="output folder (default %(default)s)")
-    p.add_argument("--data", help="dataset (default: the one the search used)")
-    p.add_argument("--no-augment", action="store_true", help="no training augmentation")
+    _options(p, "data", "download", "no_augment")
     p.add_argument("--distill", default="soft", choices=["none", "soft", "hard"],
                    help="distil from the unslimmed searched model (default %(default)s)")
-    p.add_argument("--distill-tau", type=_non_negative, default=1.0, help="distillation temperature")
-    p.add_argument("--distill-alpha", type=_non_negative, default=0.5, help="weight of the distillation loss")
+    _options(p, "distill_tau", "distill_alpha")
     p.add_argument("--mixup", type=_non_negative, default=0.0, help="mixup alpha (0: off)")
     p.add_argument("--cutmix", type=_non_negative, default=0.0, help="cutmix alpha (0: off)")
     p.add_argument("--smoothing", type=_non_negative, default=0.1, help="label smoothing")
@@ -338,7 +371,7 @@ def load_any_model(target: str, a: argparse.Namespace):
         m = load_slim(path)
         return m, dict(getattr(m, "slim_data", {}) or {}), f"slim model {path}"
     if path.is_dir() or path.suffix == ".safetensors":
-        from .search import load_run
+        from .run_folder import load_run
         scores, model = load_run(path if path.is_dir() else path.parent)
         meta = dict(scores.meta.get("data") or {})
         if a.flops is not None or any(v is not None for v in (a.attn, a.mlp, a.token)):
@@ -360,7 +393,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .train import evaluate, resolve_device
     model, meta, what = load_any_model(a.target, a)
     from .data import load_for
-    bundle = load_for(meta, a.data, input_size=input_shape(model))
+    bundle = load_for(meta, a.data, input_size=input_shape(model), download=a.download)
     ds = bundle.test if a.split == "test" else bundle.train
     device = resolve_device(a.device)
     ev = evaluate(model.to(device), ds, batch_size=a.batch_size, device=device)
@@ -378,13 +411,9 @@ def add_eval(sub) -> None:
                                    "or a timm model on a dataset split.")
     p.add_argument("target", help="slim folder, search run folder, or timm model name")
     _add_budget_args(p)
-    p.add_argument("--data", help="dataset (default: the one the model was made for)")
+    _options(p, "data", "download")
     p.add_argument("--split", default="test", choices=["test", "train"])
-    p.add_argument("--batch-size", type=_positive_int, default=128)
-    p.add_argument("--device", type=_device, default="auto")
-    p.add_argument("--pretrained", action="store_true", help="for a timm name: hub weights")
-    p.add_argument("--checkpoint", help="for a timm name: local weights")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _options(p, "batch_size", "device", "pretrained", "checkpoint", "json")
     p.set_defaults(func=cmd_eval)
 
 
@@ -402,7 +431,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     bar = tqdm(total=len(a.budgets), desc="sweep", disable=os.environ.get("VITSLIM_NO_PROGRESS") not in (None, "", "0"))
     try:
         rows = sweep(a.run, a.budgets, data=a.data, batch_size=a.batch_size, multiple=a.multiple,
-                     progress=lambda i, n, row: bar.update(1))
+                     download=a.download, progress=lambda i, n, row: bar.update(1))
     finally:
         bar.close()
     paths = write_sweep(rows, a.out or a.run)
@@ -420,10 +449,9 @@ def add_sweep(sub) -> None:
     p.add_argument("run", help="search run folder")
     p.add_argument("--budgets", type=_budget_list, default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
                    help="comma-separated FLOPs ratios (default 0.3,...,1.0)")
-    p.add_argument("--data", help="dataset (default: the run's)")
+    _options(p, "data", "download")
     p.add_argument("--out", help="folder for sweep.* (default: the run folder)")
-    p.add_argument("--batch-size", type=_positive_int, default=128)
-    p.add_argument("--multiple", type=_positive_int, help="width rounding (default: automatic)")
+    _options(p, "batch_size", "multiple")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -434,7 +462,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from .slim import slim_model
     path = Path(a.target)
     if path.is_dir() and (path / "scores.safetensors").is_file():
-        from .search import load_run
+        from .run_folder import load_run
         scores, model = load_run(path)
     else:
         import torch
@@ -468,15 +496,13 @@ def add_bench(sub) -> None:
     p.add_argument("target", help="search run folder, or a timm model name (random weights and scores)")
     p.add_argument("--flops", dest="flops_list", type=_budget_list, default=[0.7, 0.5],
                    help="comma-separated FLOPs budgets (default 0.7,0.5)")
-    p.add_argument("--multiple", type=_positive_int, help="round widths to a multiple (default: automatic)")
-    p.add_argument("--img-size", type=_positive_int, help="for a timm name: input resolution")
+    _options(p, "multiple", "img_size", img_size=dict(help="for a timm name: input resolution"))
     p.add_argument("--batch", type=_positive_int, default=32, help="batch size (default %(default)s)")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=_threads, help="CPU threads (default: torch's)")
     p.add_argument("--runs", type=_positive_int, default=10, help="timed runs per round")
     p.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed runs per round")
     p.add_argument("--rounds", type=_positive_int, default=3, help="interleaved rounds")
-    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
-    p.add_argument("--json", action="store_true", help="print JSON rows")
+    _options(p, "device", "json", device=dict(default="cpu", help="cpu, cuda or cuda:N (default %(default)s)"))
     p.set_defaults(func=cmd_bench)
 
 
@@ -530,6 +556,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+LIVE_COMMANDS = ("search", "retrain", "demo", "app")
+"""Long jobs: their warnings are shown when they happen. Other commands show theirs after they succeed,
+so a failing command prints exactly one line."""
+
+
+class _Warnings:
+    """Python warnings as one ``warning: ...`` line each (first line of the message, each text once)."""
+
+    def __init__(self, live: bool) -> None:
+        self.live, self.pending, self.seen = live, [], set()
+        self._ctx = warnings.catch_warnings()
+
+    def __enter__(self) -> "_Warnings":
+        self._ctx.__enter__()
+        warnings.simplefilter("default")
+        warnings.showwarning = self._show  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._ctx.__exit__(*exc)
+
+    def _show(self, message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+              line: Any = None) -> None:
+        text = (str(message).strip().splitlines() or [category.__name__])[0][:300]
+        if text in self.seen:
+            return
+        self.seen.add(text)
+        if self.live:
+            print(f"warning: {text}", file=sys.stderr, flush=True)
+        else:
+            self.pending.append(text)
+
+    def flush(self) -> None:
+        for text in self.pending:
+            print(f"warning: {text}", file=sys.stderr)
+        self.pending.clear()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -540,8 +604,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = os.environ.get("VITSLIM_DEBUG", "") not in ("", "0")
+    shown = _Warnings(live=a.command in LIVE_COMMANDS)
     try:
-        return int(a.func(a) or 0)
+        with shown:
+            code = int(a.func(a) or 0)
+        shown.flush()
+        return code
     except VitSlimError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"vitslim: error: {msg}", file=sys.stderr)

@@ -9,18 +9,28 @@ what ``torch.utils.flop_counter.FlopCounterMode`` counts (divided by 2) with fus
 * classifier: C * classes (times 2 for distilled DeiT's two heads).
 
 A branch with no units left costs nothing; the slim model keeps only its output bias.
+
+This module knows architectures (``ArchSpec``) and widths only: a plan is anything with a ``spec`` and
+a ``widths()`` method (``SlimPlan``), so ``plan.py`` builds on it and nothing here imports ``plan.py``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from .spec import ArchSpec
 
-if TYPE_CHECKING:
-    from .plan import SlimPlan
+
+class PlanLike(Protocol):
+    """What the cost model reads of a plan: its architecture and its per-layer widths."""
+
+    spec: ArchSpec
+
+    def widths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-layer (attention dims, MLP units, tokens including prefix)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -85,13 +95,7 @@ def dense_macs(spec: ArchSpec) -> int:
     return fixed_macs(spec) + spec.depth * int(layer_macs(spec, spec.attn_dim, spec.mlp_hidden, spec.num_tokens))
 
 
-def plan_widths(plan: "SlimPlan") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-layer (attention dims, MLP units, tokens incl. prefix) of a plan."""
-    s = plan.spec
-    return (plan.attn.reshape(s.depth, -1).sum(1), plan.mlp.sum(1), s.num_prefix_tokens + plan.token.sum(1))
-
-
-def count_cost(arch_or_model: Any, plan: "SlimPlan | None" = None) -> Cost:
+def count_cost(arch_or_model: Any, plan: PlanLike | None = None) -> Cost:
     """MACs and parameters per image of a model, an architecture or a plan.
 
     Args:
@@ -104,20 +108,22 @@ def count_cost(arch_or_model: Any, plan: "SlimPlan | None" = None) -> Cost:
     if plan is None:
         return Cost(d_macs, spec.dense_params, d_macs, spec.dense_params)
     spec.check_same_shape(plan.spec)
-    A, h, N = plan_widths(plan)
+    A, h, N = plan.widths()
     macs = fixed_macs(spec) + int(layer_macs(spec, A, h, N).sum())
     params = fixed_params(spec) + int(layer_params(spec, A, h).sum())
     return Cost(macs, params, d_macs, spec.dense_params)
 
 
-def _resolve(obj: Any, plan):
-    from .plan import SlimPlan
-    from .scores import MaskScores
+def _is_plan(obj: Any) -> bool:
+    return isinstance(getattr(obj, "spec", None), ArchSpec) and callable(getattr(obj, "widths", None))
+
+
+def _resolve(obj: Any, plan: PlanLike | None) -> tuple[ArchSpec, PlanLike | None]:
     if isinstance(obj, ArchSpec):
         return obj, plan
-    if isinstance(obj, SlimPlan):
+    if _is_plan(obj):  # a SlimPlan
         return obj.spec, plan if plan is not None else obj
-    if isinstance(obj, MaskScores):
+    if isinstance(getattr(obj, "spec", None), ArchSpec):  # MaskScores
         return obj.spec, plan
     if isinstance(obj, str):
         import timm
@@ -131,7 +137,7 @@ def _resolve(obj: Any, plan):
             raise VitSlimError(f"unknown model {obj!r} ({str(e).splitlines()[0]})") from None
         return arch_spec(m, model_name=obj), plan
     slim_plan = getattr(obj, "slim_plan", None)  # a physically slimmed model carries its plan
-    if isinstance(slim_plan, SlimPlan):
+    if _is_plan(slim_plan):
         return slim_plan.spec, plan if plan is not None else slim_plan
     from .spec import arch_spec
     return arch_spec(obj), plan

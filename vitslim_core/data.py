@@ -39,6 +39,7 @@ DIGITS_STD = (0.3190,)
 
 SYNTHETIC_CLASSES = 10
 SYNTHETIC_DEFAULT_N = 256
+MAX_SYNTHETIC = 1_000_000  # images per split: more is a typo (2e9 would try to allocate 16 GB of labels)
 
 _DOWNLOAD_TIMEOUT_S = 30.0
 MAX_SIDE = 16384  # pixels per side of a model input
@@ -411,13 +412,23 @@ def _load_imagefolder(root: Path, input_size: tuple[int, int, int], mean: tuple[
 
 def _load_cifar(which: str, root: Path, input_size: tuple[int, int, int], mean: tuple[float, ...],
                 std: tuple[float, ...], interpolation: str, crop_pct: float, augment: bool, seed: int,
-                spec: str) -> DatasetBundle:
+                spec: str, download: bool = True) -> DatasetBundle:
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if which == "cifar10" else datasets.CIFAR100
     train_tf = _timm_transform(input_size, augment, interpolation, mean, std, crop_pct)
     eval_tf = _timm_transform(input_size, False, interpolation, mean, std, crop_pct)
     label = "CIFAR-10" if which == "cifar10" else "CIFAR-100"
+    if not download:
+        try:
+            train = cls(str(root), train=True, transform=train_tf, download=False)
+            test = cls(str(root), train=False, transform=eval_tf, download=False)
+        except Exception as err:  # noqa: BLE001 - torchvision raises RuntimeError or OSError here
+            raise DataError(f"{label} is not in {root}: copy the extracted dataset folder there, or pass "
+                            f"--download to let torchvision fetch it ({_first_line(err)})") from None
+        classes = list(train.classes)
+        return DatasetBundle(SeededDataset(train, seed), test, len(classes), classes, which, spec,
+                             input_size, mean, std)
     old_timeout = socket.getdefaulttimeout()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -445,7 +456,7 @@ def _first_line(err: BaseException) -> str:
 
 def load_data(spec: str, *, img_size: int | tuple[int, int], in_chans: int,
               mean: float | Sequence[float], std: float | Sequence[float], interpolation: str = "bicubic",
-              crop_pct: float = 0.875, augment: bool = True, seed: int = 0) -> DatasetBundle:
+              crop_pct: float = 0.875, augment: bool = True, seed: int = 0, download: bool = False) -> DatasetBundle:
     """Load a train/test pair by spec, preprocessed for a model.
 
     Args:
@@ -459,6 +470,8 @@ def load_data(spec: str, *, img_size: int | tuple[int, int], in_chans: int,
         crop_pct: centre-crop fraction of the eval transform for ImageFolder/CIFAR.
         augment: random training augmentation (the test split is never augmented).
         seed: augmentation/data seed; with ``set_epoch`` it fixes every augmented image.
+        download: torchvision sets may be downloaded into a missing PATH (False, the default: a missing
+            data set is an error and nothing is created).
 
     Returns:
         The bundle; ``bundle.train.set_epoch(e)`` selects epoch ``e``'s augmentation.
@@ -486,6 +499,8 @@ def load_data(spec: str, *, img_size: int | tuple[int, int], in_chans: int,
                 n = 0
             if n < 1:
                 raise DataError(f"synthetic:N needs a positive number of images, got {arg!r}")
+            if n > MAX_SYNTHETIC:
+                raise DataError(f"synthetic:N takes at most {MAX_SYNTHETIC:,} images, got {n:,}")
         return _load_synthetic(n, hw, in_chans, mean_t, std_t, augment, seed, spec)
     if kind in ("imagefolder", "cifar10", "cifar100"):
         if not arg:
@@ -495,7 +510,8 @@ def load_data(spec: str, *, img_size: int | tuple[int, int], in_chans: int,
             if not root.is_dir():
                 raise DataError(f"image folder {root} does not exist")
             return _load_imagefolder(root, input_size, mean_t, std_t, interpolation, crop_pct, augment, seed, spec)
-        return _load_cifar(kind, root, input_size, mean_t, std_t, interpolation, crop_pct, augment, seed, spec)
+        return _load_cifar(kind, root, input_size, mean_t, std_t, interpolation, crop_pct, augment, seed, spec,
+                           download)
     raise DataError(f"unknown dataset {spec!r}; use one of: {SPEC_FORMS}")
 
 
@@ -503,7 +519,7 @@ def load_data(spec: str, *, img_size: int | tuple[int, int], in_chans: int,
 
 
 def load_for(data_cfg: dict, name: str | None = None, *, input_size: Sequence[int] | None = None,
-             augment: bool = False, seed: int = 0) -> DatasetBundle:
+             augment: bool = False, seed: int = 0, download: bool = False) -> DatasetBundle:
     """Load a dataset preprocessed as a model's data config says (``data_config(model)`` or a run's
     ``scores.meta["data"]``: input_size, mean, std, interpolation, crop_pct, name).
 
@@ -513,6 +529,8 @@ def load_for(data_cfg: dict, name: str | None = None, *, input_size: Sequence[in
         input_size: (C, H, W) to use when the config has none.
         augment: training augmentation.
         seed: augmentation seed.
+        download: whether a torchvision set may be downloaded (and its folder created); only ever
+            when the user asked for it (``--download``).
     """
     spec = name or data_cfg.get("name")
     if not spec:
@@ -523,7 +541,7 @@ def load_for(data_cfg: dict, name: str | None = None, *, input_size: Sequence[in
     return load_data(spec, img_size=tuple(int(v) for v in inp[1:]), in_chans=int(inp[0]),
                      mean=data_cfg.get("mean", 0.5), std=data_cfg.get("std", 0.5),
                      interpolation=data_cfg.get("interpolation", "bicubic"), crop_pct=data_cfg.get("crop_pct", 0.875),
-                     augment=augment, seed=seed)
+                     augment=augment, seed=seed, download=download)
 
 
 def _is_num(v: Any) -> bool:
@@ -686,8 +704,16 @@ def is_digits_config(data_cfg: dict) -> bool:
             and abs(std[0] - DIGITS_STD[0]) < 1e-6)
 
 
+DIGITS_WORK_SIDE = 256  # the digit is averaged down to 8x8: more resolution than this is never needed
+MAX_ASPECT = 64  # sides of a photo for a square model input may differ by at most this factor
+
+
 def _digits_image(gray: Image.Image, hw: tuple[int, int]) -> torch.Tensor:
     """A gray photo/drawing of a digit -> (1, H, W) in [0, 1], shaped like the digits data."""
+    if max(gray.size) > DIGITS_WORK_SIDE:
+        # work at a bounded size: squaring the ink box of a 30000 x 1 image would take 3.4 GB
+        f = DIGITS_WORK_SIDE / max(gray.size)
+        gray = gray.resize((max(1, round(gray.width * f)), max(1, round(gray.height * f))), Image.Resampling.BOX)
     arr = np.asarray(gray, dtype=np.float32) / 255.0
     if arr.mean() > 0.5:  # dark ink on light paper: the data is white on black
         arr = 1.0 - arr
@@ -742,6 +768,11 @@ def image_to_tensor(img: Image.Image, data_cfg: dict, *, dataset: str | None = N
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"data config needs input_size (C, H, W), mean and std: {_first_line(err)}") from None
     digits = dataset == "digits" if dataset is not None else is_digits_config(data_cfg)
+    long, short = max(img.size), min(img.size)
+    if not digits and long > MAX_ASPECT * short:
+        # the resize to the model's side keeps the aspect ratio: 200000 x 1 would become 224 x 44.8 M
+        raise DataError(f"the image is {img.width}x{img.height} pixels: its sides differ by more than "
+                        f"{MAX_ASPECT}x, too elongated to resize for a {w}x{h} model input")
     if digits:
         x = _digits_image(to_standard_mode(img, gray=True), (h, w))
     else:

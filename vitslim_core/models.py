@@ -13,13 +13,16 @@ import math
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.nn as nn
 
 from .data import DIGITS_MEAN, DIGITS_STD
 from .errors import VitSlimError
+
+if TYPE_CHECKING:
+    from .spec import ArchSpec
 
 DEMO_MODEL = "digits-vit"
 
@@ -104,26 +107,52 @@ def build_model(name: str, *, pretrained: bool = False, checkpoint: str | Path |
     return model, make_recipe(name, model, arch)
 
 
-def rebuild_model(recipe: dict[str, Any]) -> nn.Module:
+def rebuild_model(recipe: dict[str, Any], expect: "ArchSpec | None" = None) -> nn.Module:
     """Rebuild the architecture a recipe describes, with random weights and no download.
 
     Args:
-        recipe: ``{"name": str, "kwargs": dict}`` as returned by ``build_model``.
+        recipe: ``{"name": str, "kwargs": dict}`` as returned by ``build_model``; only the architecture
+            settings of ``spec.RECIPE_KWARGS`` may appear (a recipe usually comes from a file).
+        expect: the architecture the recipe must give (e.g. a score file's). The model is first built on
+            the meta device (no memory) and compared with it, so a recipe naming a far larger model is
+            refused before anything is allocated.
 
     Raises:
-        VitSlimError: a malformed recipe or one timm cannot build.
+        VitSlimError: a malformed recipe, one timm cannot build, or one that does not give ``expect``.
     """
+    from .spec import arch_spec, recipe_kwargs_problem
+
     if not isinstance(recipe, dict) or not isinstance(recipe.get("name"), str) \
             or not isinstance(recipe.get("kwargs", {}), dict):
         raise VitSlimError('model recipe must look like {"name": "<model>", "kwargs": {...}}')
     unknown = sorted(set(recipe) - {"name", "kwargs"})
     if unknown:
         raise VitSlimError(f"model recipe has unknown fields: {', '.join(unknown)}")
-    weights = sorted({"pretrained", "checkpoint"} & set(recipe.get("kwargs", {})))
+    kwargs = dict(recipe.get("kwargs", {}))
+    weights = sorted({"pretrained", "checkpoint"} & set(kwargs))
     if weights:
         raise VitSlimError(f"model recipe must not name weights ({', '.join(weights)}); it rebuilds random init")
-    model, _ = build_model(recipe["name"], **dict(recipe.get("kwargs", {})))
+    problem = recipe_kwargs_problem(kwargs)
+    if problem:
+        raise VitSlimError(f"model recipe for {recipe['name'][:60]!r}: {problem}")
+    if expect is not None:
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            probe, _ = build_model(recipe["name"], **kwargs)
+        got = arch_spec(probe)
+        same = (got.shape_key() == expect.shape_key() and got.dense_params == expect.dense_params
+                and got.in_chans == expect.in_chans and tuple(got.patch_size) == tuple(expect.patch_size)
+                and got.num_classes == expect.num_classes)
+        if not same:
+            raise VitSlimError(f"the model recipe ({recipe['name'][:60]}) builds {_describe_arch(got)}, "
+                               f"but the file describes {_describe_arch(expect)}")
+    model, _ = build_model(recipe["name"], **kwargs)
     return model
+
+
+def _describe_arch(s: "ArchSpec") -> str:
+    return (f"depth {s.depth}, {s.num_heads} heads x {s.head_dim} dims, MLP {s.mlp_hidden}, "
+            f"{s.num_prefix_tokens}+{s.grid[0]}x{s.grid[1]} tokens, {s.num_classes} classes, "
+            f"{s.dense_params:,} parameters")
 
 
 def make_recipe(name: str, model: nn.Module, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -141,6 +170,10 @@ def make_recipe(name: str, model: nn.Module, kwargs: dict[str, Any] | None = Non
         kw = {**DEMO_ARCH, **kw}
         kw["patch_size"] = _jsonable_size(kw["patch_size"])
     _check_jsonable(kw)
+    from .spec import recipe_kwargs_problem
+    problem = recipe_kwargs_problem(kw)
+    if problem:
+        raise VitSlimError(f"{name}: {problem}; runs record only these model arguments")
     return {"name": name, "kwargs": kw}
 
 

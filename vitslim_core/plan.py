@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .cost import Cost, count_cost, fixed_macs, layer_macs, plan_widths
+from .cost import Cost, count_cost, fixed_macs, layer_macs
 from .errors import BudgetError, ScoreFileError
 from .io import atomic_write_json, read_json
 from .scores import MaskScores
@@ -113,13 +113,18 @@ class SlimPlan:
     def flops_ratio(self) -> float:
         return self.cost.flops_ratio
 
+    def widths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-layer (attention dims, MLP units, tokens including the prefix tokens)."""
+        s = self.spec
+        return (self.attn.reshape(s.depth, -1).sum(1), self.mlp.sum(1), s.num_prefix_tokens + self.token.sum(1))
+
     def kept_fractions(self) -> dict[str, float]:
         return {"attn": float(self.attn.mean()), "mlp": float(self.mlp.mean()), "token": float(self.token.mean())}
 
     def layers(self) -> list[dict[str, Any]]:
         """Per-layer kept counts and MACs."""
         s = self.spec
-        A, h, N = plan_widths(self)
+        A, h, N = self.widths()
         macs = layer_macs(s, A, h, N)
         dense = int(layer_macs(s, s.attn_dim, s.mlp_hidden, s.num_tokens))
         dims = self.attn.sum(2)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import VitSlimError
-from .io import atomic_write_json, prepare_out_dir
+from .io import atomic_write_json, prepare_out_dir, refuse_overlap
 from .masks import remove_masks
 from .plan import SlimPlan, plan_for_flops, plan_for_ratios
 from .train import (LoopConfig, cleanup_distributed, distill_loss, param_groups, run_loop,
@@ -44,6 +44,7 @@ class RetrainConfig(LoopConfig):
     cutmix: float = 0.0
     label_smoothing: float = 0.1
     augment: bool = True
+    download: bool = False
     epochs: int = 5
     lr: float = 2e-4
 
@@ -89,12 +90,14 @@ def retrain(cfg: RetrainConfig | None = None, *, resume: bool = False,
         should_stop: polled every step; True stops after a checkpoint.
     """
     from .data import load_for
-    from .search import load_run, versions
+    from .run_folder import load_run
+    from .search import versions
     from .slim import save_slim, slim_model
 
     cfg = dataclasses.replace(cfg or RetrainConfig(), **overrides)
     cfg.validate()
     out = Path(cfg.out)
+    refuse_overlap(out, [cfg.run, cfg.plan])  # retraining clears best/, last/ and the checkpoint of out
     di = setup_distributed(cfg.device)
     try:
         scores, searched = load_run(cfg.run)
@@ -106,7 +109,7 @@ def retrain(cfg: RetrainConfig | None = None, *, resume: bool = False,
         dmeta = dict(scores.meta.get("data") or {})
         model.slim_data = dmeta
         bundle = load_for(dmeta, cfg.data, input_size=(scores.spec.in_chans, *scores.spec.img_size),
-                          augment=cfg.augment, seed=cfg.seed)
+                          augment=cfg.augment, seed=cfg.seed, download=cfg.download)
         data_name = bundle.spec
         if bundle.num_classes != scores.spec.num_classes:
             raise VitSlimError(f"dataset {data_name} has {bundle.num_classes} classes, the model "
@@ -135,8 +138,7 @@ def retrain(cfg: RetrainConfig | None = None, *, resume: bool = False,
             ev = evals[-1] if evals else None
             if ev is not None and ev["step"] == history.get("step") and _best_step(out) != ev["step"] \
                     and all(e["top1"] < ev["top1"] for e in evals[:-1]):
-                save_slim(model, out / "best")
-                atomic_write_json(out / "best" / "eval.json", ev)
+                save_slim(model, out / "best", extra_json={"eval.json": ev})  # one step: weights with their eval
             atomic_write_json(out / "history.json", {**history, "config": dataclasses.asdict(cfg),
                                                      "plan": plan.summary(), "versions": versions()})
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,21 +224,59 @@ def _recipe_kwargs(meta: dict | None) -> dict:
 
 
 def _meta_problem(meta: dict[str, Any], spec: ArchSpec) -> str | None:
-    """Type-check the header parts the engine reads (model recipe, data config, search config)."""
+    """Type-check the header parts the engine and the front-ends read: model recipe, data config, search
+    and eval records. The data config must describe the model's own input: a header could otherwise make
+    a tool build a huge image tensor (``input_size`` [1, 4096, 4096] for a 16-px model)."""
     from .data import data_config_problem
     from .spec import recipe_problem
+    for k in ("data", "model", "search", "eval"):
+        if meta.get(k) is not None and not isinstance(meta[k], dict):
+            return f"'{k}' is not a JSON object"
     rec = meta.get("model")
     if rec is not None:
-        if not (isinstance(rec, dict) and isinstance(rec.get("name"), str) and isinstance(rec.get("kwargs", {}), dict)):
+        if not (isinstance(rec.get("name"), str) and isinstance(rec.get("kwargs", {}), dict)):
             return 'model must look like {"name": ..., "kwargs": {...}}'
         problem = recipe_problem(spec, rec.get("kwargs", {}))
         if problem:
             return problem
-    if meta.get("data") is not None:
-        problem = data_config_problem(meta["data"])
+    data = meta.get("data")
+    if data is not None:
+        problem = data_config_problem(data)
         if problem:
             return f"data: {problem}"
+        size = data.get("input_size")
+        if size is not None and not input_size_fits(size, spec):
+            return f"data.input_size {_brief(size)} is not the model's input {[spec.in_chans, *spec.img_size]}"
+        for k in ("mean", "std"):
+            v = data.get(k)
+            if v is not None and isinstance(v, (list, tuple)) and len(v) not in (1, spec.in_chans):
+                return f"data.{k} has {len(v)} values for a model with {spec.in_chans} channels"
+        if data.get("std") is not None and min(data["std"] if isinstance(data["std"], (list, tuple))
+                                               else [data["std"]]) <= 0:
+            return "data.std must be above 0"
+        names = data.get("class_names")
+        if names is not None and len(names) > (1 << 20):
+            return "data.class_names is too long"
     search = meta.get("search")
-    if search is not None and not (isinstance(search, dict) and isinstance(search.get("searched") or {}, dict)):
-        return "search must be a mapping (with searched: a mapping)"
+    if search is not None and not isinstance(search.get("searched") or {}, dict):
+        return "search.searched must be a mapping"
+    ev = meta.get("eval")
+    if ev is not None:
+        top1 = ev.get("top1")
+        if top1 is not None and (isinstance(top1, bool) or not isinstance(top1, (int, float))
+                                 or not math.isfinite(top1)):
+            return "eval.top1 is not a number"
     return None
+
+
+def input_size_fits(size: Any, spec: ArchSpec) -> bool:
+    """Whether a data config's (C, H, W) is the model's input: timm floors the patch grid, so 100 px with
+    16-px patches is a 96-px model; anything larger than one patch more is refused."""
+    c, h, w = (int(v) for v in size)
+    (ph, pw), (gh, gw) = spec.patch_size, spec.grid
+    return c == spec.in_chans and h // ph == gh and w // pw == gw
+
+
+def _brief(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,9 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ScoreFileError, VitSlimError
-from .io import atomic_save, atomic_write_json, prepare_out_dir
+from .errors import VitSlimError
+from .io import prepare_out_dir, refuse_overlap
 from .masks import ATTN_MODES, add_masks, get_masks, is_mask_param
+from .run_folder import RUN_FILES, write_run_folder
 from .scores import MaskScores
 from .train import (LoopConfig, cleanup_distributed, distill_loss, param_groups, run_loop,
                     setup_distributed)
@@ -57,6 +57,7 @@ class SearchConfig(LoopConfig):
     mask_lr: float | None = None
     drop_path: float = 0.0
     augment: bool = True
+    download: bool = False
     epochs: int = 10
     lr: float = 1e-4
 
@@ -95,7 +96,7 @@ def prepare(cfg: SearchConfig):
     model, recipe = build_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
                                 num_classes=n_cls, img_size=cfg.img_size, **kw)
     dcfg = data_config(model)
-    bundle = load_for(dcfg, cfg.data, augment=cfg.augment, seed=cfg.seed)
+    bundle = load_for(dcfg, cfg.data, augment=cfg.augment, seed=cfg.seed, download=cfg.download)
     data_meta = {"name": cfg.data, "class_names": list(bundle.class_names), "num_classes": bundle.num_classes,
                  **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dcfg.items()}}
     return model, recipe, bundle, data_meta
@@ -133,6 +134,9 @@ def search(cfg: SearchConfig | None = None, *, resume: bool = False,
     cfg = dataclasses.replace(cfg or SearchConfig(), **overrides)
     cfg.validate()
     run_dir = Path(cfg.out)
+    if cfg.checkpoint:  # the weights to start from must not be among the files the search writes
+        for name in RUN_FILES:
+            refuse_overlap(run_dir / name, [cfg.checkpoint])
     di = setup_distributed(cfg.device)
     try:
         if di.master:
@@ -202,80 +206,3 @@ def alive_fractions(masks) -> dict[str, float]:
     m = torch.cat([s.score for s in masks.mlp])
     t = torch.cat([s.value() for s in masks.token])
     return {k: float((v.abs() >= ALIVE).float().mean()) for k, v in (("attn", a), ("mlp", m), ("token", t))}
-
-
-def _snapshot(masks) -> dict[str, list[float]]:
-    """Per-layer mean |score| per dimension: small enough to keep for every log record."""
-    with torch.no_grad():
-        return {"attn": [float(m.per_dim().abs().mean()) for m in masks.attn],
-                "mlp": [float(m.score.abs().mean()) for m in masks.mlp],
-                "token": [float(m.value().abs().mean()) for m in masks.token]}
-
-
-def write_run_folder(run_dir: Path, model: nn.Module, meta: dict, history: dict) -> None:
-    """Write scores, weights (without masks) and history, each atomically."""
-    from safetensors.torch import save_file
-    run_dir = Path(run_dir)
-    masks = get_masks(model)
-    snaps = history.setdefault("snapshots", [])
-    step = history["log"][-1]["step"] if history.get("log") else 0
-    if not snaps or snaps[-1]["step"] != step:
-        snaps.append({"step": step, **_snapshot(masks)})
-    at = int(history.get("step", step))
-    progress = {"step": at, "total_steps": int(history.get("total_steps", at)),
-                "complete": bool(history.get("complete"))}
-    scores = MaskScores.from_model(model, {**meta, "eval": history["eval"][-1] if history.get("eval") else None,
-                                           **progress})
-    # weights first, scores (what every tool opens) last: both carry the step, so a folder caught
-    # between the two writes is detected by load_run instead of pairing scores with other weights
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not is_mask_param(k)}
-    atomic_save(run_dir / "model.safetensors",
-                lambda tmp: save_file(state, str(tmp), metadata={"format": "vitslim-weights", "step": str(at),
-                                                                  "model": json.dumps(meta["model"])}))
-    scores.save(run_dir / "scores.safetensors")
-    atomic_write_json(run_dir / "history.json", {**history, "meta": {k: meta[k] for k in ("model", "data")}})
-
-
-def run_status(scores: MaskScores) -> str | None:
-    """A one-line note when the scores come from an unfinished search (None for a finished one).
-
-    Score files from other tools, or written before this was recorded, count as finished.
-    """
-    if scores.meta.get("complete", True) is not False:
-        return None
-    step, total = scores.meta.get("step"), scores.meta.get("total_steps")
-    where = f" (step {step} of {total})" if isinstance(step, int) and isinstance(total, int) else ""
-    return (f"this search is incomplete{where}: its scores are from an unfinished run; "
-            f"finish it with `vitslim search --resume --out RUN` using the same settings")
-
-
-def load_run(run_dir: str | Path, with_masks: bool = True) -> tuple[MaskScores, nn.Module]:
-    """Load a run folder: its scores and the searched model (weights; masks set to the scores)."""
-    from safetensors.torch import load_file
-    from .models import rebuild_model
-    run_dir = Path(run_dir)
-    scores = MaskScores.load(run_dir)
-    recipe = scores.model_recipe
-    if not recipe:
-        raise ScoreFileError(f"{run_dir} does not say which model it was made for")
-    wpath = run_dir / "model.safetensors"
-    if not wpath.is_file():
-        raise ScoreFileError(f"{run_dir} has no model.safetensors (searched weights are needed here)")
-    model = rebuild_model(recipe)
-    try:
-        from safetensors import safe_open
-        with safe_open(str(wpath), "pt") as f:
-            wstep = (f.metadata() or {}).get("step")
-        state = load_file(str(wpath))
-        model.load_state_dict(state, strict=True)
-    except Exception as e:  # noqa: BLE001 - corrupt or foreign weights
-        raise ScoreFileError(f"{wpath} does not fit the model of the score file ({str(e).splitlines()[0][:120]})") from None
-    sstep = scores.meta.get("step")
-    if wstep is not None and sstep is not None and str(sstep) != wstep:
-        raise ScoreFileError(f"{run_dir} was interrupted while being written (scores at step {sstep}, weights at "
-                             f"step {wstep}): finish it with `vitslim search --resume --out {run_dir}`")
-    model.eval()
-    if with_masks:
-        add_masks(model, scores.attn_mode)
-        scores.load_into(model)
-    return scores, model

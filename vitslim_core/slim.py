@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from torch.nn.utils import skip_init
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import BudgetError, PlanMismatchError, ScoreFileError, VitSlimError
-from .io import atomic_save, atomic_write_json, read_json
+from .io import atomic_dir, read_json
 from .masks import get_masks, remove_masks
 from .plan import SlimPlan
 from .spec import arch_spec
@@ -443,10 +444,22 @@ def apply_hard_masks(model: nn.Module, plan: SlimPlan, fold_scores: bool = True)
 
 
 # ====================================================================== files
-def save_slim(model: nn.Module, out_dir: str | Path) -> Path:
-    """Write a slim model as ``out_dir/model.safetensors`` + ``out_dir/slim.json`` (atomic writes).
+SLIM_FOLDER_FILES = frozenset({WEIGHTS_FILE, META_FILE, "eval.json", "model.pt2", "model.onnx"})
+"""What a slim-model folder may hold; saving over a folder with anything else is refused."""
 
-    ``model.slim_data`` (mean/std/input_size/class_names), if present, is stored as ``data``.
+
+def save_slim(model: nn.Module, out_dir: str | Path, extra_json: dict[str, Any] | None = None) -> Path:
+    """Write a slim model as ``out_dir/model.safetensors`` + ``out_dir/slim.json``.
+
+    The folder switches from its old contents to the new ones in one step (``io.atomic_dir``): a crash
+    leaves the old slim model or the new one, never new weights with an old plan. An existing folder
+    may only hold slim-model files (``SLIM_FOLDER_FILES``); exports of the old version go with it.
+
+    Args:
+        model: a model from ``slim_model``. ``model.slim_data`` (mean/std/input_size/class_names), if
+            present, is stored as ``data``.
+        out_dir: the folder.
+        extra_json: further small JSON files written in the same step (e.g. ``{"eval.json": {...}}``).
     """
     from safetensors.torch import save_file
     plan = getattr(model, "slim_plan", None)
@@ -456,37 +469,40 @@ def save_slim(model: nn.Module, out_dir: str | Path) -> Path:
         raise VitSlimError("the slim model's plan does not name its base model, so it could not be rebuilt; "
                            "make the plan from scores that record the model (arch_spec(model, model_name=...))")
     out = Path(out_dir)
+    extra = dict(extra_json or {})
+    bad = sorted(set(extra) - (SLIM_FOLDER_FILES - {WEIGHTS_FILE, META_FILE}))
+    if bad:
+        raise VitSlimError(f"save_slim cannot write {', '.join(bad)} (allowed: eval.json)")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    md = {"format": SLIM_FORMAT, "sha256": _weights_digest(tensors)}
-    atomic_save(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=md))
+    digest = _weights_digest(tensors)
+    md = {"format": SLIM_FORMAT, "sha256": digest}
     meta: dict[str, Any] = {"format": SLIM_FORMAT, "format_version": SLIM_VERSION,
                             "model": {"name": plan.spec.model_name, "kwargs": dict(plan.spec.model_kwargs)},
-                            "plan": plan.to_dict()}
+                            "plan": plan.to_dict(), "weights_sha256": digest}
     data = getattr(model, "slim_data", None)
     if data is not None:
         meta["data"] = data
-    atomic_write_json(out / META_FILE, meta)
+    with atomic_dir(out, replaceable=SLIM_FOLDER_FILES) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=md)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        for name, obj in extra.items():
+            (tmp / name).write_text(json.dumps(obj, indent=1) + "\n")
     return out
 
 
-def _build_base(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    """The base architecture with random weights, never downloading anything."""
+def _build_base(name: str, kwargs: dict[str, Any], spec: Any) -> nn.Module:
+    """The base architecture with random weights, never downloading anything; checked against the
+    plan's architecture on the meta device before it is allocated."""
+    from .models import rebuild_model
     try:
-        from .models import rebuild_model
-    except ImportError:
-        rebuild_model = None
-    try:
-        if rebuild_model is not None:
-            return rebuild_model({"name": name, "kwargs": dict(kwargs)})
-        import timm
-        return timm.create_model(name, pretrained=False, **kwargs)
+        return rebuild_model({"name": name, "kwargs": dict(kwargs)}, expect=spec)
     except (ScoreFileError, PlanMismatchError):
         raise
     except VitSlimError as e:
-        raise ScoreFileError(f"cannot build the base model {name!r} ({e})") from None
+        raise ScoreFileError(f"cannot build the base model {name[:60]!r} ({e})") from None
     except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as e:
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise ScoreFileError(f"cannot build the base model {name!r} ({reason})") from None
+        raise ScoreFileError(f"cannot build the base model {name[:60]!r} ({reason})") from None
 
 
 def load_slim(path: str | Path) -> nn.Module:
@@ -524,6 +540,9 @@ def load_slim(path: str | Path) -> nn.Module:
         problem = data_config_problem(meta["data"])
         if problem:
             raise ScoreFileError(f"{src}: {META_FILE} has a damaged data config ({problem})")
+        size, want_size = meta["data"].get("input_size"), [plan.spec.in_chans, *plan.spec.img_size]
+        if size is not None and [int(v) for v in size] != want_size:
+            raise ScoreFileError(f"{src}: {META_FILE} says the input is {str(size)[:40]}, the model's is {want_size}")
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise ScoreFileError(f"{src} lacks {WEIGHTS_FILE}")
@@ -536,7 +555,11 @@ def load_slim(path: str | Path) -> nn.Module:
         raise ScoreFileError(f"{weights} is not a readable safetensors file ({reason})") from None
     if digest is not None and digest != _weights_digest(state):  # files from before the digest have none
         raise ScoreFileError(f"{weights} is damaged (its checksum does not match its contents)")
-    base = _build_base(recipe["name"], recipe.get("kwargs") or {})
+    want = meta.get("weights_sha256")
+    if want is not None and want != digest:  # weights and description from different saves
+        raise ScoreFileError(f"{src}: {WEIGHTS_FILE} and {META_FILE} are from different saves "
+                             "(copied together by hand, or written by an old vitslim that was interrupted)")
+    base = _build_base(recipe["name"], recipe.get("kwargs") or {}, plan.spec)
     slim = slim_model(base, plan, fold_scores=False)
     _check_state(slim, state, src)
     slim.load_state_dict(state, strict=True)

@@ -147,14 +147,80 @@ _LIMITS = {"depth": 1024, "embed_dim": 1 << 16, "num_heads": 1024, "head_dim": 4
 MAX_UNITS = 1 << 24  # per dimension, over all layers
 
 
-def recipe_problem(spec: ArchSpec, kwargs: Any) -> str | None:
-    """Why model kwargs read from a file contradict the architecture they were saved with (None: fine).
+# The model arguments a recipe (in a score file, a slim.json, a run's weights) may carry: the ones that
+# fix the architecture of a supported model, each with the kind of value it takes. Anything else in a
+# file (checkpoint_path, pretrained_cfg, device, cache_dir...) could make timm read files, download or
+# allocate on a device, so it is refused before timm sees it.
+RECIPE_KWARGS: dict[str, str] = {
+    "img_size": "size", "patch_size": "size", "in_chans": "count", "num_classes": "count",
+    "global_pool": "name", "embed_dim": "count", "depth": "count", "num_heads": "count",
+    "mlp_ratio": "number", "qkv_bias": "flag", "qk_norm": "flag", "proj_bias": "flag",
+    "init_values": "number?", "class_token": "flag", "no_embed_class": "flag", "reg_tokens": "count",
+    "pre_norm": "flag", "final_norm": "flag", "fc_norm": "flag?", "dynamic_img_size": "flag",
+    "dynamic_img_pad": "flag", "pos_embed": "name", "drop_rate": "number", "pos_drop_rate": "number",
+    "patch_drop_rate": "number", "proj_drop_rate": "number", "attn_drop_rate": "number",
+    "drop_path_rate": "number",
+}
+_MAX_RECIPE_INT = 1 << 20
+_MAX_RECIPE_SIZE = 16384
 
-    Checked before anything is built: a damaged or hostile recipe (depth 10**6, mlp_ratio 1e9...)
-    would otherwise allocate a huge model before the shape check could refuse it.
+
+def recipe_kwargs_problem(kwargs: Any) -> str | None:
+    """Why model kwargs from a file are not a plain architecture description (None: fine).
+
+    Only the keys of ``RECIPE_KWARGS`` with values of their kind (bounded integers, finite numbers,
+    booleans, short names) pass.
     """
     if not isinstance(kwargs, dict):
         return "model kwargs must be a mapping"
+    for key, value in kwargs.items():
+        kind = RECIPE_KWARGS.get(key) if isinstance(key, str) else None
+        if kind is None:
+            return f"model kwargs may not contain {str(key)[:40]!r} (only architecture settings are read from files)"
+        if kind.endswith("?"):
+            if value is None:
+                continue
+            kind = kind[:-1]
+        if not _kind_ok(kind, value):
+            return f"model kwargs have an unusable {key}={_short(value)}"
+    return None
+
+
+def _kind_ok(kind: str, v: Any) -> bool:
+    def integer(x: Any, lo: int, hi: int) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+    if kind == "count":
+        return integer(v, 0, _MAX_RECIPE_INT)
+    if kind == "size":
+        if isinstance(v, (list, tuple)):
+            return len(v) == 2 and all(integer(x, 1, _MAX_RECIPE_SIZE) for x in v)
+        return integer(v, 1, _MAX_RECIPE_SIZE)
+    if kind == "number":
+        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and 0 <= v <= _MAX_RECIPE_INT)
+    if kind == "flag":
+        return isinstance(v, bool)
+    if kind == "name":
+        return isinstance(v, str) and len(v) <= 32 and v.replace("_", "").isalnum() or v == ""
+    return False
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def recipe_problem(spec: ArchSpec, kwargs: Any) -> str | None:
+    """Why model kwargs read from a file contradict the architecture they were saved with (None: fine).
+
+    Checked before anything is built: a damaged or hostile recipe (depth 10**6, mlp_ratio 1e9, a
+    checkpoint_path...) would otherwise reach timm or allocate a huge model before the shape check
+    could refuse it. ``models.rebuild_model(recipe, expect=spec)`` then builds it on the meta device
+    and compares the result with ``spec`` before allocating anything.
+    """
+    problem = recipe_kwargs_problem(kwargs)
+    if problem:
+        return problem
 
     def pair(v: Any) -> tuple | None:
         if isinstance(v, bool):

@@ -44,8 +44,26 @@ class DistInfo:
         return self.world > 1
 
 
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_device(device: Any) -> str:
+    """A device name the engine can train and evaluate on: auto, cpu, cuda or cuda:N (one-line error otherwise;
+    meta, mps and others would fail later with errors no user can read)."""
+    if device == "auto":
+        return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise VitSlimError(f"not a usable device: {str(device)[:40]!r} (use auto, cpu, cuda or cuda:N)")
+    return str(device)
+
+
 def resolve_device(device: str = "auto") -> str:
     """auto -> cuda when a GPU is visible, else cpu; asking for CUDA without a GPU is a clear error."""
+    device = check_device(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
