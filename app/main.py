@@ -20,10 +20,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="search run folders (or their scores.safetensors); default: the bundled digits demo")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default %(default)s; anything else exposes the app on the network)")
-    p.add_argument("--port", type=int, default=7860, help="port (default %(default)s)")
+    p.add_argument("--port", type=port_number, default=7860, help="port, 1-65535 (default %(default)s)")
     p.add_argument("--auth", metavar="USER:PASS", help="require this user name and password")
     p.add_argument("--workdir", help="folder for uploads, exports and retraining output (default: a temp dir)")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+
+
+def port_number(text: str) -> int:
+    """A TCP port (argparse type): 1 to 65535."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, got {v}")
+    return v
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:

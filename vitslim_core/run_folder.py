@@ -144,8 +144,10 @@ def load_searched_weights(run_dir: str | Path, scores: MaskScores) -> nn.Module:
             want = model.state_dict()
             _check_shapes(shapes, want, str(wpath))
             state = {k: f.get_tensor(k) for k in f.keys()}
-    except (ScoreFileError, VitSlimError):
+    except ScoreFileError:
         raise
+    except VitSlimError as e:  # the recipe cannot be built, or not as the score file describes it
+        raise ScoreFileError(f"{run_dir}: {e}") from None
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise ScoreFileError(f"{wpath} is not a readable safetensors weights file ({reason})") from None
