@@ -121,7 +121,25 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
                                                                         "pretrained weights (needs internet)")),
     "checkpoint": (("--checkpoint",), dict(help="for a timm name: local .pth/.safetensors weights")),
     "img_size": (("--img-size",), dict(type=_positive_int, help="input resolution (default: the model's)")),
+    "mixup": (("--mixup",), dict(type=_non_negative, default=0.0, help="timm Mixup alpha (0: off)")),
+    "cutmix": (("--cutmix",), dict(type=_non_negative, default=0.0, help="timm CutMix alpha (0: off)")),
+    "smoothing": (("--smoothing",), dict(type=_non_negative, default=0.0, help="label smoothing (default %(default)s)")),
+    "drop_path": (("--drop-path",), dict(type=_non_negative, default=0.0, help="stochastic depth rate")),
+    "recipe": (("--recipe",), dict(choices=["paper"], help="preset settings: paper = the official ViT-Slim "
+                                                          "recipe (flags given as well override it)")),
 }
+
+_RECIPE_PARSERS: dict[str, argparse.ArgumentParser] = {}  # commands that take --recipe, by name
+_RECIPE_DESTS = {"label_smoothing": "smoothing"}  # config field -> argparse dest where they differ
+
+
+def _apply_recipe(parser: argparse.ArgumentParser, a: argparse.Namespace, argv: Sequence[str] | None):
+    """Parse again with the recipe's settings as the defaults, so flags on the command line still win."""
+    from .recipes import recipe
+    sub = _RECIPE_PARSERS[a.command]
+    settings = {_RECIPE_DESTS.get(k, k): v for k, v in recipe(a.recipe, a.command).items()}
+    sub.set_defaults(**settings)
+    return parser.parse_args(argv)
 
 
 def _options(p: argparse.ArgumentParser | Any, *names: str, **overrides: dict[str, Any]) -> None:
@@ -139,7 +157,12 @@ def _add_loop_args(p: argparse.ArgumentParser, epochs: int, lr: float, batch: in
                                                                  "processes (default %(default)s)"))
     g.add_argument("--lr", type=_non_negative, default=lr, help="peak learning rate of AdamW (default %(default)s)")
     g.add_argument("--weight-decay", type=_non_negative, default=0.05, help="AdamW weight decay (default %(default)s)")
-    g.add_argument("--warmup-steps", type=_non_negative_int, default=0, help="linear warm-up steps before cosine decay")
+    g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="learning-rate schedule after warm-up (default %(default)s)")
+    g.add_argument("--min-lr-ratio", type=_non_negative, default=0.01,
+                   help="final learning rate of the cosine, as a fraction of --lr (default %(default)s)")
+    g.add_argument("--warmup-steps", type=_non_negative_int, default=0, help="linear warm-up steps before the schedule")
+    g.add_argument("--warmup-epochs", type=_non_negative, default=0.0, help="warm-up in epochs (added to the steps)")
     g.add_argument("--max-steps", type=_non_negative_int, default=0, help="stop after this many steps (0: all epochs)")
     g.add_argument("--grad-clip", type=_non_negative, default=0.0, help="clip gradient norm (0: off)")
     g.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default %(default)s)")
@@ -154,7 +177,8 @@ def _add_loop_args(p: argparse.ArgumentParser, epochs: int, lr: float, batch: in
 
 def _loop_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     return dict(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
-                warmup_steps=a.warmup_steps, max_steps=a.max_steps, grad_clip=a.grad_clip, seed=a.seed,
+                schedule=a.schedule, min_lr_ratio=a.min_lr_ratio, warmup_epochs=a.warmup_epochs,
+                recipe=a.recipe, warmup_steps=a.warmup_steps, max_steps=a.max_steps, grad_clip=a.grad_clip, seed=a.seed,
                 device=a.device, amp=not a.no_amp, num_workers=a.workers, log_every=a.log_every,
                 checkpoint_every=a.checkpoint_every)
 
@@ -179,7 +203,8 @@ def cmd_search(a: argparse.Namespace) -> int:
                        w_attn=a.w_attn, w_mlp=a.w_mlp, w_token=a.w_token, search_attn=not a.no_attn,
                        search_mlp=not a.no_mlp, search_token=not a.no_token, distill=a.distill,
                        distill_tau=a.distill_tau, distill_alpha=a.distill_alpha, masks_only=a.masks_only,
-                       mask_lr=a.mask_lr, drop_path=a.drop_path, download=a.download, **_loop_kwargs(a))
+                       mask_lr=a.mask_lr, drop_path=a.drop_path, mixup=a.mixup, cutmix=a.cutmix,
+                       label_smoothing=a.smoothing, download=a.download, **_loop_kwargs(a))
     res = search(cfg, resume=a.resume)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only the first process reports
         return 0
@@ -201,19 +226,19 @@ def add_search(sub) -> None:
     g = p.add_argument_group("search")
     g.add_argument("--attn-mode", default="head_dim", choices=["head_dim", "head", "uniform"],
                    help="attention scores per head-dim (paper), per head, or per dim shared by heads")
-    g.add_argument("--w-attn", type=_non_negative, default=2e-4, help="l1 weight of attention scores (default %(default)s)")
-    g.add_argument("--w-mlp", type=_non_negative, default=5e-5, help="l1 weight of MLP scores (default %(default)s)")
-    g.add_argument("--w-token", type=_non_negative, default=1e-4, help="l1 weight of token scores (default %(default)s)")
+    g.add_argument("--w-attn", type=_non_negative, default=5e-5, help="l1 weight of attention scores (default %(default)s)")
+    g.add_argument("--w-mlp", type=_non_negative, default=1.25e-5, help="l1 weight of MLP scores (default %(default)s)")
+    g.add_argument("--w-token", type=_non_negative, default=2.5e-5, help="l1 weight of token scores (default %(default)s)")
     g.add_argument("--no-attn", action="store_true", help="do not search attention")
     g.add_argument("--no-mlp", action="store_true", help="do not search MLP units")
     g.add_argument("--no-token", action="store_true", help="do not search tokens")
     g.add_argument("--mask-lr", type=_non_negative, help="learning rate of the scores (default: --lr)")
     g.add_argument("--masks-only", action="store_true", help="train only the scores and norm layers")
     g.add_argument("--distill", action="store_true", help="distil from the unmasked model (soft targets)")
-    _options(g, "distill_tau", "distill_alpha")
-    g.add_argument("--drop-path", type=_non_negative, default=0.0, help="stochastic depth rate")
+    _options(g, "distill_tau", "distill_alpha", "drop_path", "mixup", "cutmix", "smoothing", "recipe")
     _add_loop_args(p, epochs=10, lr=1e-4, batch=64)
     p.set_defaults(func=cmd_search)
+    _RECIPE_PARSERS["search"] = p
 
 
 # ----------------------------------------------------------------------------- plan
@@ -332,8 +357,8 @@ def cmd_retrain(a: argparse.Namespace) -> int:
     cfg = RetrainConfig(run=a.run, out=a.out, plan=a.plan, flops=a.flops, attn=a.attn, mlp=a.mlp, token=a.token,
                         multiple=a.multiple, data=a.data, distill=a.distill, distill_tau=a.distill_tau,
                         distill_alpha=a.distill_alpha, mixup=a.mixup, cutmix=a.cutmix,
-                        label_smoothing=a.smoothing, augment=not a.no_augment, download=a.download,
-                        **_loop_kwargs(a))
+                        label_smoothing=a.smoothing, drop_path=a.drop_path, augment=not a.no_augment,
+                        download=a.download, **_loop_kwargs(a))
     res = retrain(cfg, resume=a.resume)
     if os.environ.get("RANK", "0") != "0":
         return 0
@@ -354,12 +379,11 @@ def add_retrain(sub) -> None:
     _options(p, "data", "download", "no_augment")
     p.add_argument("--distill", default="soft", choices=["none", "soft", "hard"],
                    help="distil from the unslimmed searched model (default %(default)s)")
-    _options(p, "distill_tau", "distill_alpha")
-    p.add_argument("--mixup", type=_non_negative, default=0.0, help="mixup alpha (0: off)")
-    p.add_argument("--cutmix", type=_non_negative, default=0.0, help="cutmix alpha (0: off)")
-    p.add_argument("--smoothing", type=_non_negative, default=0.1, help="label smoothing")
+    _options(p, "distill_tau", "distill_alpha", "mixup", "cutmix", "smoothing", "drop_path", "recipe",
+             smoothing=dict(default=0.1))
     _add_loop_args(p, epochs=5, lr=2e-4, batch=64)
     p.set_defaults(func=cmd_retrain)
+    _RECIPE_PARSERS["retrain"] = p
 
 
 def load_any_model(target: str, a: argparse.Namespace):
@@ -603,6 +627,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(a, "func", None):
         parser.print_help()
         return 2
+    if getattr(a, "recipe", None):
+        try:
+            a = _apply_recipe(parser, a, argv)
+        except SystemExit as e:
+            return int(e.code or 0) if not isinstance(e.code, str) else 2
     debug = os.environ.get("VITSLIM_DEBUG", "") not in ("", "0")
     shown = _Warnings(live=a.command in LIVE_COMMANDS)
     try:

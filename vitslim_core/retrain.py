@@ -14,14 +14,13 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .errors import VitSlimError
 from .io import atomic_write_json, prepare_out_dir, refuse_overlap
 from .masks import remove_masks
 from .plan import SlimPlan, plan_for_flops, plan_for_ratios
-from .train import (LoopConfig, cleanup_distributed, distill_loss, param_groups, run_loop,
-                    setup_distributed)
+from .train import (LoopConfig, cleanup_distributed, distill_loss, make_mixup, param_groups, run_loop,
+                    setup_distributed, task_loss)
 
 
 @dataclass
@@ -43,10 +42,18 @@ class RetrainConfig(LoopConfig):
     mixup: float = 0.0
     cutmix: float = 0.0
     label_smoothing: float = 0.1
+    drop_path: float = 0.0
     augment: bool = True
     download: bool = False
     epochs: int = 5
     lr: float = 2e-4
+
+    @classmethod
+    def from_recipe(cls, name: str = "paper", **overrides: Any) -> "RetrainConfig":
+        """The settings of a named recipe (``recipes.py``; "paper": the official ViT-Slim retrain), with
+        ``overrides`` on top (e.g. ``model=``, ``data=``, ``out=``)."""
+        from .recipes import recipe
+        return cls(**{**recipe(name, "retrain"), "recipe": name, **overrides})
 
     def validate(self) -> None:
         if not self.run:
@@ -57,6 +64,8 @@ class RetrainConfig(LoopConfig):
                    any(v is not None for v in (self.attn, self.mlp, self.token))]
         if sum(budgets) != 1:
             raise VitSlimError("give exactly one budget: a plan file, --flops, or --attn/--mlp/--token")
+        if not 0 <= self.drop_path < 1:
+            raise VitSlimError(f"drop path rate must be in [0, 1), got {self.drop_path}")
 
 
 @dataclass
@@ -106,6 +115,7 @@ def retrain(cfg: RetrainConfig | None = None, *, resume: bool = False,
         plan = SlimPlan.load(out / "plan.json") if resume else resolve_plan(scores, cfg)
         torch.manual_seed(cfg.seed)
         model = slim_model(searched, plan)
+        set_drop_path(model, cfg.drop_path)
         dmeta = dict(scores.meta.get("data") or {})
         model.slim_data = dmeta
         bundle = load_for(dmeta, cfg.data, input_size=(scores.spec.in_chans, *scores.spec.img_size),
@@ -153,6 +163,18 @@ def retrain(cfg: RetrainConfig | None = None, *, resume: bool = False,
         cleanup_distributed()
 
 
+def set_drop_path(model: nn.Module, rate: float) -> None:
+    """Stochastic depth rising linearly over the blocks to ``rate`` (timm's rule), on a slim model's blocks."""
+    from timm.layers import DropPath
+    blocks = list(model.blocks)
+    for i, blk in enumerate(blocks):
+        p = rate * i / max(1, len(blocks) - 1)
+        for name, norm in (("drop_path1", "norm1"), ("drop_path2", "norm2")):
+            # a branch without units (BranchBias, no norm) adds a constant: nothing to drop
+            if hasattr(blk, name) and not isinstance(getattr(blk, norm, nn.Identity()), nn.Identity):
+                setattr(blk, name, DropPath(p) if p > 0 else nn.Identity())
+
+
 def _clear_outputs(out: Path) -> None:
     """A fresh run into a folder used before: drop the old run's best/ and last/ models (ours only:
     folders holding slim.json) and its checkpoint, so nothing of it is mistaken for the new run's."""
@@ -174,23 +196,10 @@ def _best_step(out: Path) -> int | None:
 
 
 def _retrain_step(cfg: RetrainConfig, teacher: nn.Module | None, num_classes: int):
-    mixup = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        from timm.data import Mixup
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                      num_classes=num_classes)
+    mixup = make_mixup(cfg.mixup, cfg.cutmix, cfg.label_smoothing, num_classes)
 
     def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        logs: dict[str, float] = {}
-        if mixup is not None and x.shape[0] % 2 == 0:
-            x_in, target = mixup(x, y)
-            logits = model(x_in)
-            task = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        else:
-            x_in = x
-            logits = model(x)
-            task = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            logs["acc"] = 100.0 * float((logits.argmax(1) == y).float().mean())
+        task, logits, x_in, logs = task_loss(model, x, y, mixup, cfg.label_smoothing)
         loss = task
         if teacher is not None:
             with torch.no_grad():

@@ -168,18 +168,27 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, mask_lr: floa
     return [g for g in groups if g["params"]]
 
 
+SCHEDULES = ("cosine", "constant")
+
+
 class CosineSchedule:
-    """Linear warm-up then cosine decay, by optimizer step; each group keeps its own base lr."""
+    """Linear warm-up then cosine decay (or a constant rate), by optimizer step; each group keeps its own
+    base lr."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
-                 min_lr_ratio: float = 0.01) -> None:
+                 min_lr_ratio: float = 0.01, schedule: str = "cosine") -> None:
+        if schedule not in SCHEDULES:
+            raise VitSlimError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         self.opt, self.total, self.warmup, self.min_ratio = optimizer, max(1, total_steps), warmup_steps, min_lr_ratio
+        self.constant = schedule == "constant"
         for g in optimizer.param_groups:
             g.setdefault("base_lr", g["lr"])
 
     def factor(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / (self.warmup + 1)
+        if self.constant:
+            return 1.0
         t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -271,8 +280,11 @@ class LoopConfig:
     batch_size: int = 64
     lr: float = 5e-4
     min_lr_ratio: float = 0.01
+    schedule: str = "cosine"
+    recipe: str | None = None  # a named preset these settings came from (recipes.py), for the record
     weight_decay: float = 0.05
     warmup_steps: int = 0
+    warmup_epochs: float = 0.0
     grad_clip: float = 0.0
     max_steps: int = 0
     seed: int = 0
@@ -321,7 +333,8 @@ def run_loop(model: nn.Module, step_fn: StepFn, train_set: Dataset, test_set: Da
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
     spe = steps_per_epoch(len(train_set), cfg.batch_size)
     total = cfg.epochs * spe if cfg.max_steps <= 0 else min(cfg.max_steps, cfg.epochs * spe)
-    sched = CosineSchedule(opt, total, cfg.warmup_steps, cfg.min_lr_ratio)
+    warmup = cfg.warmup_steps + int(round(cfg.warmup_epochs * spe))
+    sched = CosineSchedule(opt, total, warmup, cfg.min_lr_ratio, cfg.schedule)
     use_amp = cfg.amp and di.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
     history: dict[str, Any] = {"log": [], "eval": [], "complete": False, "total_steps": total,
@@ -437,6 +450,30 @@ def _bar_enabled() -> bool:
 
 def _plain(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def make_mixup(mixup: float, cutmix: float, label_smoothing: float, num_classes: int):
+    """timm's Mixup/CutMix (with label smoothing folded into the targets), or None when both are off."""
+    if mixup <= 0 and cutmix <= 0:
+        return None
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
+
+
+def task_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mixup, label_smoothing: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Cross-entropy of ``model`` on a batch, mixed by ``mixup`` when given (even batches only).
+
+    Returns:
+        ``(loss, logits, model input, logs)``; logs has the batch accuracy when the batch was not mixed.
+    """
+    if mixup is not None and x.shape[0] % 2 == 0:
+        x_in, target = mixup(x, y)
+        logits = model(x_in)
+        return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean(), logits, x_in, {}
+    logits = model(x)
+    acc = 100.0 * float((logits.argmax(1) == y).float().mean())
+    return F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits, x, {"acc": acc}
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0,
