@@ -102,16 +102,9 @@ def run_dir_of(path: str | Path) -> Path:
 def check_weights(state: dict[str, torch.Tensor], want: dict[str, torch.Tensor], src: str) -> None:
     """Saved weights must fit the model built for them: same names and shapes, float where the model
     has floats, and no NaN or infinite values (one-line ScoreFileError otherwise)."""
-    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    if missing or extra:
-        parts = ([f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")] if missing else []) + \
-                ([f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else "")] if extra else [])
-        raise ScoreFileError(f"{src} does not fit the model ({'; '.join(parts)})")
+    _check_shapes({k: tuple(t.shape) for k, t in state.items()}, want, src)
     for k, v in want.items():
         t = state[k]
-        if tuple(t.shape) != tuple(v.shape):
-            raise ScoreFileError(f"{src} does not fit the model ({k} has shape {tuple(t.shape)}, "
-                                 f"the model needs {tuple(v.shape)})")
         if v.is_floating_point() and not t.is_floating_point():
             raise ScoreFileError(f"{src}: {k} has dtype {t.dtype}, expected a float tensor")
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -161,10 +154,10 @@ def _check_shapes(shapes: dict[str, tuple], want: dict[str, torch.Tensor], src: 
     if missing or extra:
         parts = ([f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")] if missing else []) + \
                 ([f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else "")] if extra else [])
-        raise ScoreFileError(f"{src} does not fit the model of the score file ({'; '.join(parts)})")
+        raise ScoreFileError(f"{src} does not fit the model ({'; '.join(parts)})")
     for k, v in want.items():
         if tuple(shapes[k]) != tuple(v.shape):
-            raise ScoreFileError(f"{src} does not fit the model of the score file ({k} has shape "
+            raise ScoreFileError(f"{src} does not fit the model ({k} has shape "
                                  f"{tuple(shapes[k])}, the model needs {tuple(v.shape)})")
 
 
