@@ -26,6 +26,16 @@ Methods (``--methods``, comma-separated keys; default all):
     python benchmarks/bench_fidelity.py --fast                                # seconds, digits demo
     python benchmarks/bench_fidelity.py --budgets 0.5 --seeds 0 --methods vitslim,tp-magnitude
 
+The models are small: on a 2-core machine two workers with one thread each keep both cores busy, where
+one process with two threads mostly waits (3-10x slower per step on a busy 2-core machine). Both write the
+same results (cells are merged under a lock); a last invocation then times all models alone:
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_fidelity.py --run RUN --methods scratch --skip-timing &
+    OMP_NUM_THREADS=1 python benchmarks/bench_fidelity.py --run RUN --skip-timing \
+        --methods vitslim,random,magnitude,taylor,tp-magnitude,tp-taylor,vitslim-attn,vitslim-mlp,\
+vitslim-token,vitslim-head,vitslim-uniform
+    wait; python benchmarks/bench_fidelity.py --run RUN      # every cell cached: only the timing runs
+
 Targets (printed, never asserted): at 50% FLOPs after retraining ViT-Slim within 1.0 point of dense and
 ahead of every baseline by more than one standard deviation; all three dimensions at least as good as
 each one alone (the paper's claim); the ragged slim model at least as fast as Torch-Pruning's.
@@ -136,6 +146,7 @@ class FidelityConfig:
     latency_rounds: int = 3
     latency_warmup: int = 3
     threads: int = 0
+    skip_timing: bool = False     # for a worker running beside another one: time the models at the end, alone
     fast: bool = False
 
     # what changes the numbers of a cell (budgets, seeds, methods, out and timing settings do not)
@@ -441,14 +452,31 @@ def load_results(path: Path, cfg: FidelityConfig, fresh: bool) -> dict[str, Any]
                            f"use --fresh to start over or --out for another folder")
     old["config"] = {**old.get("config", {}), **{k: v for k, v in cfg.to_dict().items()
                                                  if k not in cfg.RESULT_FIELDS}}
-    for k in ("cells", "before", "unreachable", "latency", "searches"):
+    for k in SECTIONS:
         old.setdefault(k, {})
     return old
 
 
+SECTIONS = ("cells", "before", "unreachable", "latency", "searches")
+
+
 def save_results(path: Path, results: dict[str, Any]) -> None:
+    """Write the results atomically, merged with what another process running the same settings (e.g.
+    ``--methods scratch`` in a second terminal) wrote meanwhile: its cells are kept, ours win on a tie.
+    The results folder is locked while merging (``flock``)."""
+    import fcntl
     from vitslim_core.io import atomic_write_json
-    atomic_write_json(path, results)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        disk = _read_json(path) if path.is_file() else None
+        if isinstance(disk, dict) and disk.get("fingerprint") == results.get("fingerprint"):
+            for k in SECTIONS:
+                results[k] = {**(disk.get(k) or {}), **results.get(k, {})}
+            results.setdefault("dense", disk.get("dense"))
+        atomic_write_json(path, results)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def cell_key(method: str, budget: float, seed: int | None = None) -> str:
@@ -497,6 +525,9 @@ def run(cfg: FidelityConfig, fresh: bool = False, log: Callable[[str], None] = p
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{BASE_NAME}.json"
     results = load_results(path, cfg, fresh)
+    if fresh and path.is_file():  # replaced, not merged with (see save_results)
+        from vitslim_core.io import atomic_write_json
+        atomic_write_json(path, results)
     t_start = time.perf_counter()
     with _quiet():
         ctx = Context(cfg, log)
@@ -522,9 +553,10 @@ def run(cfg: FidelityConfig, fresh: bool = False, log: Callable[[str], None] = p
                 continue
             run_cell(ctx, results, METHODS[mkey], budget, seed, f"[{i + 1}/{len(todo)}]")
             save_results(path, results)
-        for budget in cfg.budgets:
-            time_budget(ctx, results, budget)
-            save_results(path, results)
+        if not cfg.skip_timing:
+            for budget in cfg.budgets:
+                time_budget(ctx, results, budget)
+                save_results(path, results)
         results["searches"].update(ctx.search_record)
     results["last_seconds"] = round(time.perf_counter() - t_start, 1)
     save_results(path, results)
@@ -535,6 +567,13 @@ def run(cfg: FidelityConfig, fresh: bool = False, log: Callable[[str], None] = p
 def run_cell(ctx: Context, results: dict, method: Method, budget: float, seed: int, tag: str) -> None:
     cfg = ctx.cfg
     t0 = time.perf_counter()
+    if method.kind == "scratch":
+        try:
+            scratch_recipe(ctx.recipe["name"])
+        except VitSlimError as e:  # e.g. a hub model: no recipe to train it from scratch with
+            results["unreachable"][cell_key(method.key, budget)] = f"skipped: {e}"
+            ctx.log(f"{tag} {method.key:15s} {budget:4.0%}: skipped ({e})")
+            return
     try:
         model, info = ctx.build(method, budget, seed)
     except BudgetError as e:
@@ -680,7 +719,8 @@ def checks(results: dict) -> list[dict[str, Any]]:
         for m in BASELINES:
             r = get(b, m)
             if r is None:
-                why = "unreachable" if (rows.get((b, m)) or {}).get("unreachable") else "not run"
+                un = (rows.get((b, m)) or {}).get("unreachable")
+                why = ("skipped" if un.startswith("skipped") else "unreachable") if un else "not run"
                 add("target", None, f"{b:.0%} FLOPs: ViT-Slim vs {METHODS[m].label}: {why}")
                 continue
             sds = [s for s in (vs["after_top1_std"], r["after_top1_std"]) if not math.isnan(s)]
@@ -731,7 +771,8 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
              f"{lat_dense['images_per_s']:.0f}" if lat_dense else "—", "1.00x", "1", f"{d.get('seconds', 0):.0f}"]]
     for r in summarize(results):
         if r.get("unreachable"):
-            body.append([f"{r['budget']:.0%}", r["label"], r["start"], r["tokens"], "—", "unreachable", "—", "—",
+            what = "skipped" if r["unreachable"].startswith("skipped") else "unreachable"
+            body.append([f"{r['budget']:.0%}", r["label"], r["start"], r["tokens"], "—", what, "—", "—",
                          "—", "—", "—", "—", "—", "—", "—", "0", "—"])
             continue
         k = r.get("kept") or {}
@@ -898,6 +939,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[FidelityConfig, bool]
     ap.add_argument("--pretrain-images", type=int, default=None, help="images the dense model was pretrained on "
                                                                       "(default: from RUN/demo.json)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip-timing", action="store_true", help="train and evaluate only (a worker beside another "
+                                                               "one); a later run without it times the models")
     ap.add_argument("--fast", action="store_true", help="a few steps per method, 1 seed, tiny eval subset")
     ap.add_argument("--fresh", action="store_true", help="discard cached cells and start over")
     a = ap.parse_args(argv)
@@ -909,7 +952,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[FidelityConfig, bool]
     if a.methods:
         over["methods"] = tuple(x.strip() for x in a.methods.split(",") if x.strip())
     for name in ("run", "pretrained", "work", "retrain_steps", "batch_size", "lr", "distill", "eval_limit",
-                 "pretrain_images", "threads"):
+                 "pretrain_images", "threads", "skip_timing"):
         v = getattr(a, name)
         if v is not None:
             over[name] = v

@@ -267,6 +267,21 @@ def test_other_settings_are_refused_without_fresh(fast_out, tmp_path):
     assert bench.main(["--fast", "--out", str(out), "--methods", "nonsense"]) == 2
 
 
+def test_two_workers_on_one_results_file_keep_each_others_cells(tmp_path):
+    path = tmp_path / "fidelity.json"
+    a = {"fingerprint": "f", "cells": {"random|0.5|0": {"x": 1}}, "before": {}, "unreachable": {}, "latency": {},
+         "searches": {}, "dense": {"top1": 1.0}}
+    b = {"fingerprint": "f", "cells": {"scratch|0.5|0": {"x": 2}}, "before": {}, "unreachable": {"m|0.5": "u"},
+         "latency": {}, "searches": {}, "dense": {"top1": 1.0}}
+    bench.save_results(path, a)
+    bench.save_results(path, b)
+    got = json.loads(path.read_text())
+    assert set(got["cells"]) == {"random|0.5|0", "scratch|0.5|0"} and got["unreachable"] == {"m|0.5": "u"}
+    other = {**b, "fingerprint": "g", "cells": {"taylor|0.5|0": {}}}
+    bench.save_results(path, other)  # other settings: nothing of the old file is merged in
+    assert set(json.loads(path.read_text())["cells"]) == {"taylor|0.5|0"}
+
+
 def test_checks_say_pass_and_fail_plainly():
     def cell(method, seed, top1, ips=None):
         return {"method": method, "budget": 0.5, "seed": seed, "flops_ratio": 0.5, "params": 1, "total_images": 1,
