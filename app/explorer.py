@@ -8,6 +8,7 @@ it may open (with their loaded scores and models), its work dir, and the retrain
 from __future__ import annotations
 
 import html
+import itertools
 import math
 import os
 import secrets
@@ -27,7 +28,7 @@ from vitslim_core import viz
 from vitslim_core.errors import DataError, VitSlimError
 from vitslim_core.plan import DEFAULT_TOL, BudgetWarning, SlimPlan, plan_for_flops, plan_for_ratios
 
-from .views import (TABLE_HEADERS, Card, fmt_flops as _fmt_flops, fmt_params as _fmt_params,
+from .views import (TABLE_HEADERS, Card, budget_stamp, fmt_flops as _fmt_flops, fmt_params as _fmt_params,
                     layer_rows, one_line as _one_line, readout_cards, rounding_note, table_total)
 from .jobs import JOB, JobBusyError, JobStatus, RetrainJob, RetrainRequest
 from .runs import MissingWeightsError, OpenRun, RunRegistry, Sample, read_sweep, sweep_file
@@ -38,7 +39,13 @@ LIVE_OUTPUTS = ("readout", "attention", "mlp", "tokens", "scores", "bars", "tabl
 VIEW_OUTPUTS = {"attention": {"attention"}, "mlp": {"mlp"}, "tokens": {"tokens"}, "image": {"overlay", "strip"},
                 "layers": {"bars", "table"}, "scores": {"scores"}}
 VIEWS = ("attention", "mlp", "tokens", "image", "layers", "scores", "history", "accuracy", "retrain", "export")
+HEAVY_VIEWS = ("image", "accuracy", "scores")  # tabs with a view too slow for every slider move
 DEFAULT_FLOPS = 0.6
+HEAVY_QUIET, HEAVY_QUIET_MAX = 0.15, 1.0
+"""Seconds a page's budget must stay unchanged before its heavy views are drawn from a slider event (more
+on a busy server, at most the second number; ``PageBudgets``): a drag or a held arrow key moves the
+budget every few tens of ms, and drawing a matplotlib figure at each of those budgets would keep one core
+busy with pictures nobody sees."""
 
 
 # ====================================================================== input coercion
@@ -121,6 +128,104 @@ class PlanResult:
     note: str  # non-empty when a FLOPs budget could only be approximated
 
 
+@dataclass
+class _Page:
+    key: Any          # the budget its live views were last asked for
+    t: float          # when they were asked, or answered (the quiet period starts there)
+    answered: float   # when the last live call of the page was answered (0: never)
+    gap: float = 0.0  # smoothed seconds from an answer to the page's next live call, during a gesture
+
+
+class PageBudgets:
+    """The budget each page (Gradio session) last asked its live views for, and the heavy views it was
+    last sent, so that heavy views drawn from slider events can tell when they are out of date.
+
+    The page sends a slider's heavy event only once that slider's live answer is on the page (it asks
+    for it, ``Explorer.live_views``), so by the time a heavy call runs, the live call of its own budget has
+    been noted: a different budget noted for the session means the slider has moved on, and the page will
+    send another heavy event once the live answer for the newer budget has come back.
+
+    How long "quiet" must last adapts to the page: while a slider is dragged, the next live call comes
+    as soon as the page has the previous answer, which on a busy server can take longer than the base
+    quiet period; twice the page's recent answer-to-next-call gap is waited (at most ``max_quiet``).
+    """
+
+    GESTURE_GAP = 1.0  # s: a longer pause between an answer and the next call starts a new gesture
+
+    def __init__(self, max_sessions: int = 4096) -> None:
+        self.max_sessions = max_sessions
+        self._cond = threading.Condition()
+        self._pages: OrderedDict[str, _Page] = OrderedDict()
+        self._drawn: OrderedDict[str, Any] = OrderedDict()  # session -> key of the heavy views last sent
+
+    @staticmethod
+    def _put(d: OrderedDict, session: str, value: Any, limit: int) -> None:
+        d[session] = value
+        d.move_to_end(session)
+        while len(d) > limit:
+            d.popitem(last=False)
+
+    def asked(self, session: str | None, key: Any) -> None:
+        """The session's live views are being drawn for budget ``key``."""
+        if session is None:
+            return
+        now = time.monotonic()
+        with self._cond:
+            page = self._pages.get(session)
+            if page is None:
+                page = _Page(key, now, 0.0)
+            else:
+                gap = now - page.answered if page.answered else self.GESTURE_GAP
+                page.gap = (gap if not page.gap else 0.5 * (page.gap + gap)) if gap < self.GESTURE_GAP else 0.0
+                page.key, page.t = key, now
+            self._put(self._pages, session, page, self.max_sessions)
+            self._cond.notify_all()
+
+    def answered(self, session: str | None, key: Any) -> None:
+        """The live views for ``key`` are done (the quiet period starts again)."""
+        if session is None:
+            return
+        now = time.monotonic()
+        with self._cond:
+            page = self._pages.get(session)
+            if page is not None and page.key == key:
+                page.t = page.answered = now
+                self._cond.notify_all()
+
+    def settle(self, session: str | None, key: Any, quiet: float, max_quiet: float = 1.0) -> bool:
+        """Wait until budget ``key`` has been the session's latest for its quiet period (True), or return
+        False as soon as another budget is asked for. The quiet period is ``quiet`` seconds, or twice
+        the page's recent answer-to-next-call gap, at most ``max_quiet``: a bounded wait."""
+        if session is None:
+            return True
+        with self._cond:
+            while True:
+                page = self._pages.get(session)
+                if page is None:
+                    return True  # no live view of this page seen (an API call): nothing to wait for
+                if page.key != key:
+                    return False
+                left = page.t + min(max_quiet, max(quiet, 2 * page.gap)) - time.monotonic()
+                if left <= 0:
+                    return True
+                self._cond.wait(left)
+
+    def drawn(self, session: str | None, key: Any) -> bool:
+        """True if the heavy views last sent to the session were drawn for ``key``."""
+        with self._cond:
+            return session is not None and self._drawn.get(session) == key
+
+    def mark_drawn(self, session: str | None, key: Any) -> None:
+        if session is not None:
+            with self._cond:
+                self._put(self._drawn, session, key, self.max_sessions)
+
+
+def _session(request: Any) -> str | None:
+    s = getattr(request, "session_hash", None)
+    return s if isinstance(s, str) and s else None
+
+
 # ====================================================================== formatting helpers
 def _error_html(msg: str) -> str:
     return f'<div class="vs-error" id="vs-budget-error">{html.escape(msg)}</div>'
@@ -138,7 +243,9 @@ def readout_html(plan: SlimPlan, note: str = "") -> str:
     rounding = rounding_note(plan)
     if rounding:
         extra += f'<div class="vs-s" style="margin-top:6px">{rounding}</div>'
-    return f'<div class="vs-readout">{"".join(_card(c) for c in readout_cards(plan))}</div>{extra}'
+    stamp = html.escape(budget_stamp(plan), quote=True)
+    return (f'<div class="vs-readout" data-stamp="{stamp}">{"".join(_card(c) for c in readout_cards(plan))}</div>'
+            f'{extra}')
 
 
 def layer_table(plan: SlimPlan) -> str:
@@ -221,9 +328,13 @@ class Explorer:
         self._plans: OrderedDict[tuple, PlanResult] = OrderedDict()
         self._plans_lock = threading.Lock()
         self._warmed = False
+        self.pages = PageBudgets()
+        self.heavy_quiet = HEAVY_QUIET
+        self._heavy_lock = threading.Lock()  # one heavy view drawn at a time
+        self._asks = itertools.count(1)
 
     def warm_up(self) -> None:
-        """Load what the first page view needs (samples, weights, plotting) so it appears at once."""
+        """Load what the page's next views need (samples, weights, plotting) so they appear at once."""
         try:
             run = self.run(None)
             run.samples()
@@ -289,7 +400,8 @@ class Explorer:
 
     # ------------------------------------------------------------------ the live view
     def budget_views(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
-                     layer: float, sort: bool, image: dict | None, view: str = "all") -> tuple:
+                     layer: float, sort: bool, image: dict | None, view: str = "all",
+                     request: gr.Request | None = None) -> tuple:
         """Everything that follows the budget slider, recomputed on every move.
 
         Args:
@@ -299,12 +411,38 @@ class Explorer:
             image: the session's image state (None: the run's first sample).
             view: the tab on screen; only its views are drawn (the others are drawn when their tab is
                 selected), "all" draws everything.
+            request: the page's request (Gradio fills it in): its budget is noted for ``settled_heavy_views``.
 
         Returns:
             (readout html, attention map, MLP map, token grids, score histograms, layer bars, layer table,
             image overlay, image strip); views not drawn are ``gr.skip()``. On a bad budget the readout
             shows the message and everything else is left as it was.
         """
+        session, page_key = _session(request), self._page_key(run_key, mode, flops, attn, mlp, token)
+        self.pages.asked(session, page_key)
+        try:
+            return self._budget_views(run_key, mode, flops, attn, mlp, token, layer, sort, image, view)
+        finally:
+            self.pages.answered(session, page_key)
+
+    def live_views(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
+                   layer: float, sort: bool, image: dict | None, view: str = "all",
+                   request: gr.Request | None = None) -> tuple:
+        """``budget_views`` for a budget slider's change, plus a request for the heavy views.
+
+        Returns:
+            ``budget_views``'s outputs and one more: when the tab on screen has heavy views, a new string
+            (the page's hidden "heavy views wanted" box changes, which sends ``settled_heavy_views`` once
+            this answer is on the page), else ``gr.skip()`` (no heavy event at all).
+        """
+        out = self.budget_views(run_key, mode, flops, attn, mlp, token, layer, sort, image, view, request)
+        ask = gr.skip()
+        if _text(view) in HEAVY_VIEWS and 'id="vs-budget-error"' not in out[0]:
+            ask = f"{view} {next(self._asks)}"
+        return out + (ask,)
+
+    def _budget_views(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
+                      layer: float, sort: bool, image: dict | None, view: str) -> tuple:
         skip = gr.skip()
         view = _text(view)
         want = set(LIVE_OUTPUTS) if view == "all" else VIEW_OUTPUTS.get(view, set())
@@ -335,24 +473,94 @@ class Explorer:
         view = _text(view)
         return (view,) + self.budget_views(run_key, mode, flops, attn, mlp, token, layer, sort, image, view)
 
+    @staticmethod
+    def _page_key(run_key: Any, mode: str, flops: float, attn: float, mlp: float, token: float) -> tuple:
+        return (run_key if isinstance(run_key, str) else None, Budget.of(mode, flops, attn, mlp, token))
+
+    def _heavy_key(self, view: str, run_key: Any, mode: str, flops: float, attn: float, mlp: float, token: float,
+                   image: dict | None, evals: list[dict] | None) -> tuple:
+        """Everything the heavy views of ``view`` depend on (two equal keys draw the same pictures)."""
+        key: tuple = (view,) + self._page_key(run_key, mode, flops, attn, mlp, token)
+        if view == "image":
+            img = _image_state(image)
+            key += ((img["name"], id(img["tensor"])) if img else None,)
+        elif view == "accuracy":
+            try:
+                done = len(self.job.results_for(self.run(run_key).key))
+            except VitSlimError:
+                done = -1
+            key += (len(_eval_rows(evals)), done)
+        return key
+
     def heavy_views(self, view: str, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
-                    image: dict | None, evals: list[dict] | None) -> tuple:
-        """What is too slow for every slider move (drawn on release, only for the tab on screen).
+                    image: dict | None, evals: list[dict] | None, request: gr.Request | None = None) -> tuple:
+        """What is too slow for every slider move, only for the tab on screen: the prediction, the accuracy
+        figure, the score histograms. Each names the budget it was drawn for (``budget_stamp``): the
+        prediction in its caption, the figures in their labels. One heavy view is drawn at a time (all
+        pages together), so they take at most one core from the live views.
 
         Returns:
             (prediction label, prediction caption, accuracy figure, score histogram figure), ``gr.skip()``
             for those not on screen.
         """
+        view = _text(view)
+        if view not in HEAVY_VIEWS:
+            return (gr.skip(),) * 4
+        key = self._heavy_key(view, run_key, mode, flops, attn, mlp, token, image, evals)
+        with self._heavy_lock:
+            out = self._draw_heavy(view, run_key, mode, flops, attn, mlp, token, image, evals)
+            self.pages.mark_drawn(_session(request), key)
+        return out
+
+    def settled_heavy_views(self, view: str, run_key: str, mode: str, flops: float, attn: float, mlp: float,
+                            token: float, image: dict | None, evals: list[dict] | None,
+                            request: gr.Request | None = None) -> tuple:
+        """``heavy_views`` for the budget sliders' events (after every change, and on release).
+
+        Draws once the page's budget has stayed the same for ``heavy_quiet`` seconds; leaves everything
+        as it is (``gr.skip()``) when the slider has moved on meanwhile (the page sends the newer budget
+        next) or when the page already shows these views for this budget (a release after the change).
+        The wait holds no lock: other pages' heavy views are drawn meanwhile.
+        """
+        skip = (gr.skip(),) * 4
+        view = _text(view)
+        if view not in HEAVY_VIEWS:
+            return skip
+        session, page_key = _session(request), self._page_key(run_key, mode, flops, attn, mlp, token)
+        if not self.pages.settle(session, page_key, self.heavy_quiet, HEAVY_QUIET_MAX):
+            return skip
+        key = self._heavy_key(view, run_key, mode, flops, attn, mlp, token, image, evals)
+        with self._heavy_lock:  # checked again: the slider may have moved while another page's view was drawn
+            if not self.pages.settle(session, page_key, 0.0, 0.0) or self.pages.drawn(session, key):
+                return skip
+            out = self._draw_heavy(view, run_key, mode, flops, attn, mlp, token, image, evals)
+            self.pages.mark_drawn(session, key)
+        return out
+
+    def _draw_heavy(self, view: str, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
+                    image: dict | None, evals: list[dict] | None) -> tuple:
         skip = gr.skip()
         pred = pred_md = acc = hist = skip
-        view = _text(view)
         if view == "image":
             pred, pred_md = self.predict(run_key, mode, flops, attn, mlp, token, image)
         elif view == "accuracy":
-            acc = self.accuracy_figure(run_key, mode, flops, attn, mlp, token, evals)
+            acc = self._labelled(self.accuracy_figure(run_key, mode, flops, attn, mlp, token, evals),
+                                 "accuracy vs FLOPs; dashed line: ", run_key, mode, flops, attn, mlp, token)
         elif view == "scores":
-            hist = self.score_figure(run_key, mode, flops, attn, mlp, token)
+            hist = self._labelled(self.score_figure(run_key, mode, flops, attn, mlp, token),
+                                  "score histograms at ", run_key, mode, flops, attn, mlp, token)
         return pred, pred_md, acc, hist
+
+    def _labelled(self, fig: Any, prefix: str, run_key: str, mode: str, flops: float, attn: float, mlp: float,
+                  token: float) -> Any:
+        """``fig`` with a label that names the budget it was drawn for (``gr.skip()`` stays a skip)."""
+        if isinstance(fig, dict) and fig == gr.skip():
+            return fig
+        try:
+            plan = self.plan(self.run(run_key), Budget.of(mode, flops, attn, mlp, token)).plan
+        except VitSlimError:
+            return fig
+        return gr.update(value=fig, label=prefix + budget_stamp(plan))
 
     def overlay_views(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
                       layer: float, image: dict | None) -> tuple:
@@ -378,12 +586,16 @@ class Explorer:
         return viz.score_histograms_figure(run.scores, plan)
 
     # ------------------------------------------------------------------ opening runs
-    def open_run(self, run_key: str, image: dict | None, layer: float) -> tuple:
+    def open_run(self, run_key: str, image: dict | None, layer: float, view: str = "history") -> tuple:
         """Switch the page to a run: model card, history, accuracy curve, samples, layer range.
 
+        Args:
+            view: the tab on screen; the history figure (matplotlib) is drawn only for the History tab
+                (``history_view`` draws it when that tab is selected), so a page opens without it.
+
         Returns:
-            (model card markdown, history figure, gallery items, image state, layer slider update,
-            message markdown: the model in one line, or why the run cannot be opened)
+            (model card markdown, history figure or ``gr.skip()``, gallery items, image state, layer
+            slider update, message markdown: the model in one line, or why the run cannot be opened)
         """
         try:
             run = self.run(run_key)
@@ -395,8 +607,16 @@ class Explorer:
         gallery = [s.thumb for s in samples]  # names appear under the prediction once picked
         depth = run.spec.depth
         layer_update = gr.update(maximum=depth - 1, value=min(_index(layer), depth - 1))
-        return (run_info_markdown(run), viz.history_figure(run.history), gallery, img, layer_update,
-                run_summary(run))
+        history = viz.history_figure(run.history) if _text(view) == "history" else gr.skip()
+        return run_info_markdown(run), history, gallery, img, layer_update, run_summary(run)
+
+    def history_view(self, run_key: str) -> Any:
+        """The search history figure of a run (the History tab was selected)."""
+        try:
+            return viz.history_figure(self.run(run_key).history)
+        except VitSlimError as e:
+            gr.Warning(_one_line(e))
+            return gr.skip()
 
     def upload_run(self, files: list[str] | str | None) -> tuple:
         """Open uploaded files as a run (a score file; weights and history.json optional).
@@ -494,7 +714,7 @@ class Explorer:
         if img.get("label") is not None:
             t = int(img["label"])
             truth = f" True class: **{html.escape(names[t] if t < len(names) else str(t))}**."
-        return label, (f"Slim model at {100 * plan.flops_ratio:.1f}% FLOPs on *{html.escape(img['name'])}*.{truth}")
+        return label, f"Slim model at {budget_stamp(plan)}, on *{html.escape(img['name'])}*.{truth}"
 
     # ------------------------------------------------------------------ latency
     def measure_speed(self, run_key: str, mode: str, flops: float, attn: float, mlp: float, token: float,
@@ -767,8 +987,11 @@ class Explorer:
 
     # ------------------------------------------------------------------ URL state
     def url_state(self, query: dict[str, str]) -> dict[str, Any]:
-        """Read ``?flops=0.6&view=tokens`` (and mode, attn, mlp, token, layer, run) from the page URL."""
-        query = {k: v for k, v in query.items() if isinstance(k, str) and isinstance(v, str)} \
+        """Read ``?flops=0.6&view=tokens`` (and mode, attn, mlp, token, layer, run) from the page URL.
+
+        Anything else, and values that are not plain short text (numbers outside their range are
+        clipped, non-finite ones dropped), are ignored: the URL is whatever a link says."""
+        query = {k: v for k, v in query.items() if isinstance(k, str) and isinstance(v, str) and len(v) <= 256} \
             if isinstance(query, dict) else {}
 
         def num(k: str, lo: float, hi: float) -> float | None:
@@ -855,7 +1078,10 @@ class Explorer:
             plan = self.plan(run, Budget.of("flops", budget)).plan
             x = image_to_tensor(load_image(image), run.data_cfg, dataset=run.dataset_name)
         except (VitSlimError, OSError, ValueError) as e:
-            raise gr.Error(_one_line(e)) from None
+            msg = _one_line(e)
+            if isinstance(image, (str, Path)) and len(str(image)) > 1:  # the server's temp path is its own
+                msg = msg.replace(str(Path(image).parent) + os.sep, "")
+            raise gr.Error(msg) from None
         return viz.token_overlay(x, plan, _index(layer), run.data_cfg)
 
     def api_evaluate(self, budget: float) -> dict:

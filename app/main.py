@@ -2,16 +2,65 @@
 
 This module imports nothing heavy, so ``vitslim --help`` stays fast; Gradio and torch are imported
 when the app starts.
+
+Start-up is mostly imports (torch and Gradio, about 4 s each on 2 busy cores). Gradio's own import
+spends half of its time rewriting typing stubs (``skip_gradio_stub_writing``). Nothing else is loaded
+before the page is on screen: warming up in the background while the browser loads the page (samples,
+matplotlib) was measured to delay the maps by a second (one Python process, two busy cores); the
+weights load after the first page is complete (``Explorer.page_ready``).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.abc
+import importlib.machinery
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class _NoGradioStubs(importlib.abc.MetaPathFinder):
+    """Finds ``gradio.component_meta`` like the normal path finder, and once it is loaded replaces its
+    ``create_or_modify_pyi`` (called for every component class as Gradio imports) by a no-op."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "gradio.component_meta":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_then_patch(module: Any) -> None:
+            exec_module(module)
+            if callable(getattr(module, "create_or_modify_pyi", None)):
+                module.create_or_modify_pyi = _no_stub
+        loader.exec_module = exec_then_patch
+        return spec
+
+
+def _no_stub(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def skip_gradio_stub_writing() -> None:
+    """Make the coming ``import gradio`` skip rewriting Gradio's ``.pyi`` typing stubs.
+
+    Gradio re-parses the source of every component class with ``ast`` and rewrites its stub file each
+    time it is imported (about 2 s of its 4 s import on two busy cores; also an ``app/ui.pyi`` for our
+    own component). The stubs are for editors; nothing at run time reads them. No effect once Gradio is
+    imported, or with VITSLIM_GRADIO_STUBS=1.
+    """
+    if "gradio" in sys.modules or os.environ.get("VITSLIM_GRADIO_STUBS") == "1":
+        return
+    if not any(isinstance(f, _NoGradioStubs) for f in sys.meta_path):
+        sys.meta_path.insert(0, _NoGradioStubs())
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

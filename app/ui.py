@@ -16,6 +16,9 @@ from typing import Any, Sequence
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from .main import skip_gradio_stub_writing  # noqa: E402
+
+skip_gradio_stub_writing()
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -26,12 +29,16 @@ MAX_UPLOAD = "600mb"
 MAX_QUEUE = 100
 """Events waiting in the queue (all pages together) before new ones are refused: the page then says
 "This application is currently busy. Please try again." instead of piling up work and memory."""
-HEAVY = dict(concurrency_id="heavy-views", concurrency_limit=1)
-"""The views drawn on slider release (matplotlib figures, predictions: 0.1-3 s each on 2 cores) share one
-worker, so however many pages release their sliders at once, they take at most one core from the live
-views (which skip the queue)."""
+HEAVY = dict(concurrency_id="heavy-views", concurrency_limit=8)
+"""The heavy views' events (matplotlib figures, predictions: 0.1-3 s each on 2 cores). Explorer draws one
+at a time (all pages together), so they take at most one core from the live views (which skip the queue);
+up to 8 events are in a worker thread at once, waiting for their page's budget to settle or for their
+turn, the others wait in the queue without a thread."""
 API_LIMIT = 4
 """/set_budget and /set_ratios plan cached budgets in milliseconds and are thread-safe: several at once."""
+MAX_URL = 16 << 10
+"""Bytes of a request's path and query string; longer requests get HTTP 414. The page's own URLs carry a
+few hundred bytes of state; Gradio's page route fails with HTTP 500 on URLs over 64 kB."""
 
 CSS = """
 #vs-header h1 {margin: 0 0 4px 0; font-size: 1.55rem;}
@@ -54,7 +61,7 @@ CSS = """
                     vertical-align: -2px;}
 .vs-pixel img {image-rendering: pixelated;}
 #vs-side {position: sticky; top: 8px; align-self: flex-start;}
-#vs-ready {display: none;}
+#vs-ready, #vs-heavy-ask {display: none !important;}
 #vs-layer-table .vs-table {border-collapse: collapse; width: 100%; font-size: 0.85rem;
                             font-variant-numeric: tabular-nums; border: none;}
 #vs-layer-table .vs-table th, #vs-layer-table .vs-table td {padding: 4px 8px; text-align: right; border: none;
@@ -104,6 +111,25 @@ def _url_view_js(view: str) -> str:
             "window.history.replaceState(window.history.state, '', u.toString()); return []; }")
 
 
+class URLLimit:
+    """ASGI middleware: an HTTP request whose path and query are longer than ``limit`` bytes is answered
+    with 414 URI Too Long (one line of text) instead of reaching Gradio's routes."""
+
+    def __init__(self, app: Any, limit: int = MAX_URL) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") == "http" and \
+                len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") > self.limit:
+            body = f"URL too long (more than {self.limit} bytes)\n".encode()
+            await send({"type": "http.response.start", "status": 414,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                    (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
 class LiveImage(gr.Image):
     """``gr.Image`` for views redrawn on every slider move: numpy frames become PNGs at compression
     level 1, three to five times faster to encode than PIL's default level 6 on these maps (the files
@@ -132,6 +158,21 @@ class LiveImage(gr.Image):
 
 
 SKIP = {"__type__": "update"}  # what ``gr.skip()`` returns
+UPLOAD_ONLY = ("files must be uploaded to this app first (gradio_client: handle_file(path)); data: URLs, web URLs "
+               "and server paths are not accepted")
+
+
+def _uploaded_files(value: Any) -> bool:
+    """True for what a file input may receive: nothing, or file payloads whose path is a plain path
+    (Gradio then checks that it is in its upload folder; the payload's url is not used for inputs)."""
+    if value is None:
+        return True
+    for v in value if isinstance(value, list) else [value]:
+        path = v.get("path") if isinstance(v, dict) else None
+        if (not isinstance(path, str) or not path or len(path) > 4096 or "\x00" in path
+                or path[:5].lower() == "data:" or "://" in path):
+            return False
+    return True
 
 
 class ExplorerBlocks(gr.Blocks):
@@ -145,6 +186,22 @@ class ExplorerBlocks(gr.Blocks):
     and only the others go through Gradio's postprocessing. Anything unusual (batched functions, a
     mismatched number of outputs) takes Gradio's own path.
     """
+
+    async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any, *args: Any, **kwargs: Any) -> Any:
+        """File inputs (score files, images, the /token_overlay image) must be files uploaded to this
+        server: a ``data:`` URL, a web URL or a server path is refused with one line before Gradio would
+        fetch, decode or copy it (Gradio downloads web URLs given as a file's path)."""
+        for block, value in zip(getattr(block_fn, "inputs", ()), inputs if isinstance(inputs, list) else ()):
+            if isinstance(block, gr.File) and not _uploaded_files(value):
+                raise gr.Error(UPLOAD_ONLY)
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, *args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception:  # noqa: BLE001 - a crafted file payload: one line, not Gradio's (which echoes it)
+            if any(isinstance(b, gr.File) for b in getattr(block_fn, "inputs", ())):
+                raise gr.Error(UPLOAD_ONLY) from None
+            raise
 
     async def postprocess_data(self, block_fn: Any, predictions: Any, state: Any, *args: Any, **kwargs: Any) -> Any:
         outs = getattr(block_fn, "outputs", None)
@@ -204,6 +261,8 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
         view_state = gr.State("attention")  # the tab on screen
         with gr.Row(elem_id="vs-header"):
             ready = gr.HTML("", elem_id="vs-ready")  # says "ready" when the page's load chain is done
+            # hidden: the live views change it when the tab on screen wants its heavy views redrawn
+            heavy_ask = gr.Textbox("", elem_id="vs-heavy-ask", show_label=False, container=False, interactive=False)
             gr.HTML("<h1>ViT-Slim explorer</h1><p>ViT-Slim learns a score for every attention dimension, MLP unit "
                     "and token of a vision transformer. Pick a budget and see which parts survive, what the slim "
                     "model costs, how accurate it is, and retrain it.</p>")
@@ -294,7 +353,7 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
                                  "dimension (red): units above it stay. Tokens are ranked by their largest mask "
                                  "value in this or any later layer, which keeps token masks monotone.")
                         hist_img = _live_image("vs-hist", "score histograms", init[4])
-                        hist_plot = gr.Plot(label="histograms (log count)", show_label=False, format="png", elem_id="vs-hist-plot")
+                        hist_plot = gr.Plot(label="score histograms", format="png", elem_id="vs-hist-plot")
                     with gr.Tab("History", id="history") as tab_history:
                         _explain("How the search went: the sparsity penalty pushes scores down while the task loss "
                                  "keeps the useful units alive.")
@@ -307,7 +366,7 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
                             sweep_btn = gr.Button("compute the curve", elem_id="vs-sweep-btn")
                         eval_md = gr.Markdown(elem_id="vs-eval-md")
                         acc_note = gr.Markdown(elem_id="vs-acc-note")
-                        acc_plot = gr.Plot(label="accuracy vs FLOPs", show_label=False, format="png", elem_id="vs-acc-plot")
+                        acc_plot = gr.Plot(label="accuracy vs FLOPs", format="png", elem_id="vs-acc-plot")
                     with gr.Tab("Retrain", id="retrain") as tab_retrain:
                         _explain("Retrain the physically slimmed model at this budget (on this machine's CPU), "
                                  "optionally distilling from the searched model. One job runs at a time.")
@@ -340,9 +399,12 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
                             plan_file = gr.File(label="plan", interactive=False, elem_id="vs-plan-file")
                             slim_file = gr.File(label="slim model", interactive=False, elem_id="vs-slim-file")
         timer = gr.Timer(2.0)
-        # API-only components for /token_overlay (image in, image out)
+        # API-only components for /token_overlay (image in, image out). The image comes in as a plain
+        # file: gr.Image would decode whatever arrives (any Pillow format, data: URLs) before our checks;
+        # Explorer.api_token_overlay reads it with vitslim_core.data.load_image (allowed formats only,
+        # the pixel count checked from the header before anything is decoded).
         with gr.Row(visible=False):
-            api_image = gr.Image(type="filepath", image_mode=None, label="image")
+            api_image = gr.File(type="filepath", file_count="single", label="image")
             api_layer = gr.Number(0, label="layer", precision=0)
             api_budget = gr.Number(DEFAULT_FLOPS, label="budget")
             api_overlay = gr.Image(format="png", label="overlay")
@@ -350,8 +412,11 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
 
         # ------------------------------------------------------------------ wiring
         # Only the tab on screen is redrawn while a slider moves (view_state); selecting a tab draws it.
+        # Chained steps that draw views are "always_last" (a .then() is "once" by default: a second mode
+        # switch or tab click while the first one's views are drawn would be dropped, leaving them stale).
         private: dict[str, Any] = {"api_visibility": "private"}
         quiet = dict(show_progress="hidden", **private)
+        last = dict(trigger_mode="always_last", **quiet)
         budget_in = [run_dd, mode, flops, attn, mlp, token]
         live_out = [readout, attn_img, mlp_img, tok_img, hist_img, bars_img, table, overlay_img, strip_img]
         live_in = budget_in + [layer, sort, image_state, view_state]
@@ -363,13 +428,21 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
         live = dict(trigger_mode="always_last", queue=False, **quiet)
         live_views = ACTIVITY.wrap(ex.budget_views)
         live_overlay = ACTIVITY.wrap(ex.overlay_views)
+        # Every change of a budget slider (drag, click, arrow keys, typed number, reset, set by the URL)
+        # also draws the heavy views of the tab on screen: when that tab has any, the live answer changes
+        # the hidden heavy_ask box, whose change event (sent once that answer is on the page, so the server
+        # has seen the budget) draws them once the budget has stayed put for a moment
+        # (Explorer.settled_heavy_views): a drag does not draw a figure at every step, and tabs without
+        # heavy views send no heavy event. The release event asks again (free when already drawn).
+        live_ask = ACTIVITY.wrap(ex.live_views)
         for ctl in (flops, attn, mlp, token):
-            ctl.change(live_views, live_in, live_out, **live)
+            ctl.change(live_ask, live_in, live_out + [heavy_ask], **live)
             ctl.change(None, [mode, flops, attn, mlp, token], None, js=URL_BUDGET_JS, **private)
-            ctl.release(ex.heavy_views, heavy_in, heavy_out, trigger_mode="always_last", **HEAVY, **quiet)
+            ctl.release(ex.settled_heavy_views, heavy_in, heavy_out, **HEAVY, **last)
+        heavy_ask.change(ex.settled_heavy_views, heavy_in, heavy_out, **HEAVY, **last)
         sort.change(live_views, live_in, live_out, **live)
         mode.change(mode_visibility, mode, [flops_group, ratio_group], **quiet).then(
-            ex.budget_views, live_in, live_out, **quiet).then(ex.heavy_views, heavy_in, heavy_out, **HEAVY, **quiet)
+            ex.budget_views, live_in, live_out, **last).then(ex.heavy_views, heavy_in, heavy_out, **HEAVY, **last)
         mode.change(None, [mode, flops, attn, mlp, token], None, js=URL_BUDGET_JS, **private)
         overlay_in = budget_in + [layer, image_state]
         layer.change(live_overlay, overlay_in, [overlay_img, strip_img], **live)
@@ -379,14 +452,15 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
                           (tab_history, "history"), (tab_accuracy, "accuracy"), (tab_retrain, "retrain"),
                           (tab_export, "export")):
             tab.select(functools.partial(ex.show_view, view), live_in[:-1], [view_state] + live_out, **quiet).then(
-                ex.heavy_views, heavy_in, heavy_out, **HEAVY, **quiet)
+                ex.heavy_views, heavy_in, heavy_out, **HEAVY, **last)
             tab.select(None, None, None, js=_url_view_js(view), **private)
+        tab_history.select(ex.history_view, run_dd, history_plot, **last)
 
         # runs
         open_out = [model_md, history_plot, gallery, image_state, layer, run_msg]
-        run_dd.change(ex.open_run, [run_dd, image_state, layer], open_out, **private).then(
-            ex.budget_views, live_in, live_out, **quiet).then(
-            ex.heavy_views, heavy_in, heavy_out, **HEAVY, **quiet).then(
+        run_dd.change(ex.open_run, [run_dd, image_state, layer, view_state], open_out, **private).then(
+            ex.budget_views, live_in, live_out, **last).then(
+            ex.heavy_views, heavy_in, heavy_out, **HEAVY, **last).then(
             ex.accuracy_note, run_dd, acc_note, **quiet)
         run_dd.change(None, run_dd, None, js=URL_RUN_JS, **private)
         run_files.upload(ex.upload_run, run_files, [run_dd, run_msg], **private)
@@ -416,7 +490,7 @@ def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | No
 
         # the page URL carries budget and view (written by the js snippets above, read here)
         demo.load(ex.on_load, None, [run_dd, mode, flops, attn, mlp, token, layer, tabs, view_state], **private).then(
-            ex.open_run, [run_dd, image_state, layer], open_out, **quiet).then(
+            ex.open_run, [run_dd, image_state, layer, view_state], open_out, **quiet).then(
             ex.budget_views, live_in, live_out, **quiet).then(
             ex.heavy_views, heavy_in, heavy_out, **HEAVY, **quiet).then(
             ex.accuracy_note, run_dd, acc_note, **quiet).then(
@@ -440,13 +514,15 @@ def launch_app(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860
                open_browser: bool = False, quiet: bool = False, prevent_thread_lock: bool = False,
                extra_allowed: Sequence[str | Path] = (), max_queue: int | None = MAX_QUEUE) -> Any:
     """Launch with the app's settings: upload limit, file access only to the runs and the work dir, at
-    most ``max_queue`` events waiting in the queue (None: no limit)."""
+    most ``max_queue`` events waiting in the queue (None: no limit), URLs of at most ``MAX_URL`` bytes."""
     ex: Explorer = demo.explorer
     allowed = [str(p) for p in ex.registry.startup] + [str(ex.workdir)] + [str(p) for p in extra_allowed]
     demo.queue(default_concurrency_limit=1, max_size=max_queue)
+    from starlette.middleware import Middleware
     return demo.launch(server_name=host, server_port=port, auth=auth, inbrowser=open_browser, quiet=quiet,
                        prevent_thread_lock=prevent_thread_lock, show_error=True, max_file_size=MAX_UPLOAD,
-                       allowed_paths=allowed, footer_links=["api"], css=CSS, theme=THEME, ssr_mode=False)
+                       allowed_paths=allowed, footer_links=["api"], css=CSS, theme=THEME, ssr_mode=False,
+                       app_kwargs={"middleware": [Middleware(URLLimit, limit=MAX_URL)]})
 
 
 def __getattr__(name: str) -> Any:

@@ -55,6 +55,17 @@ def readout_cards(plan: SlimPlan) -> list[Card]:
     ]
 
 
+def budget_stamp(plan: SlimPlan) -> str:
+    """The budget a view was drawn for, in one line (FLOPs and kept units, as the readout cards say them).
+
+    Every view that is not redrawn together with the readout carries it, so a page never shows two
+    budgets without saying so (and tests can check that all views agree).
+    """
+    attn, mlp, tok = int(plan.attn.sum()), int(plan.mlp.sum()), int(plan.token.sum())
+    return (f"{100 * plan.cost.flops_ratio:.1f}% FLOPs · {attn}/{plan.attn.size} attention dims · "
+            f"{mlp}/{plan.mlp.size} MLP units · {tok}/{plan.token.size} tokens")
+
+
 def rounding_note(plan: SlimPlan) -> str:
     """A sentence about width rounding, or '' when the plan keeps exact widths."""
     q = int(plan.info.get("multiple") or 1)

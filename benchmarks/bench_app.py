@@ -7,11 +7,15 @@
 3. start-up: ``vitslim app RUN`` until the page answers, and until its views are filled in.
 
 Usage: PYTHONPATH=. python benchmarks/bench_app.py [--run RUN] [--moves 30] [--skip-browser] [--skip-startup]
-Targets: slider callback <= 100 ms (DeiT-B), browser <= 300 ms (demo), ready <= 10 s (2 cores).
+           [--startup-runs 3] [--baseline DIR] [--only-startup]
+``--baseline DIR``: also time the start-up of another source tree (e.g. ``git worktree add DIR HEAD~3``),
+in turns with this one, for a before/after comparison on the same load.
+Targets: slider callback <= 100 ms (DeiT-B), browser <= 300 ms (demo), HTTP 200 and maps <= 10 s (2 cores).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import statistics
@@ -150,53 +154,87 @@ def bench_browser(run: Path, workdir: Path, moves: int) -> dict[str, tuple]:
     return out
 
 
-def bench_startup(run: Path | None, workdir: Path) -> dict[str, tuple]:
-    """Seconds from ``vitslim app`` to the page answering, and to its maps being on screen (the browser
-    is started first, so its own start-up is not counted)."""
-    from app_harness import CHROMIUM_ARGS, free_port
+def source_dir(root: Path, tmp: Path) -> Path:
+    """A folder from which ``vitslim_core`` and ``vitslim_app`` import from the source tree ``root`` (the
+    app's folder is ``app/``: an installed checkout maps it, a plain copy of another commit does not)."""
+    shim = tmp / f"src-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}"
+    shim.mkdir(parents=True, exist_ok=True)
+    for name, target in (("vitslim_core", root / "vitslim_core"), ("vitslim_app", root / "app")):
+        link = shim / name
+        if not link.exists():
+            link.symlink_to(target, target_is_directory=True)
+    return shim
+
+
+def startup_once(run: Path | None, workdir: Path, source: Path, browser) -> dict[str, float]:
+    """Seconds from ``python -m vitslim_core app`` (run from ``source``, see ``source_dir``) to the page
+    answering (HTTP 200), to its maps on screen and to the end of its load chain, in a browser started
+    beforehand (not counted)."""
+    from app_harness import free_port
     port = free_port()
     cmd = [sys.executable, "-m", "vitslim_core", "app", "--no-browser", "--port", str(port), "--workdir",
            str(workdir)] + ([str(run)] if run else [])
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out: dict[str, tuple] = {}
-    pw = browser = None
-    if shutil.which("chromium"):
-        from playwright.sync_api import sync_playwright
-        pw = sync_playwright().start()
-        browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    out: dict[str, float] = {}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, cwd=source, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as r:
                     if r.status == 200:
-                        t = time.perf_counter() - t0
-                        out["startup: `vitslim app` -> HTTP 200 (s)"] = (t, t, t)
+                        out["http"] = time.perf_counter() - t0
                         break
             except OSError:
-                time.sleep(0.1)
+                time.sleep(0.05)
         if out and browser is not None:
             pg = browser.new_page()
             pg.set_default_timeout(120_000)
             pg.goto(f"http://127.0.0.1:{port}/")
             pg.wait_for_selector("#vs-attn-map img")
-            t = time.perf_counter() - t0
-            out["startup: -> page with maps shown (s)"] = (t, t, t)
+            pg.wait_for_function("() => { const i = document.querySelector('#vs-attn-map img');"
+                                 " return i && i.complete && i.naturalWidth > 0; }", polling="raf")
+            out["maps"] = time.perf_counter() - t0
             pg.wait_for_function("() => document.querySelector('#vs-ready')?.textContent.includes('ready')")
-            t = time.perf_counter() - t0
-            out["startup: -> page fully loaded (s)"] = (t, t, t)
+            out["ready"] = time.perf_counter() - t0
+            pg.close()
     finally:
         proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+    return out
+
+
+def bench_startup(run: Path | None, workdir: Path, runs: int = 3,
+                  trees: dict[str, Path] | None = None) -> dict[str, dict[str, tuple]]:
+    """Start-up of ``vitslim app`` (see ``startup_once``), ``runs`` times per source tree (default:
+    this checkout; ``trees`` maps names to other source trees, measured in turns with it so that they
+    share the machine's load). Returns {tree: {row: (median, p90, max)}}."""
+    trees = trees or {"this checkout": ROOT}
+    paths = {name: source_dir(Path(root).resolve(), workdir) for name, root in trees.items()}
+    pw = browser = None
+    if shutil.which("chromium"):
+        from playwright.sync_api import sync_playwright
+
+        from app_harness import CHROMIUM_ARGS
+        pw = sync_playwright().start()
+        browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+    seen: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
+    try:
+        for i in range(runs):
+            for name in trees:
+                for k, v in startup_once(run, workdir / f"{i}-{len(seen[name])}", paths[name], browser).items():
+                    seen[name].setdefault(k, []).append(v)
+    finally:
         if browser is not None:
             browser.close()
             pw.stop()
-    return out
+    labels = {"http": "startup: `vitslim app` -> HTTP 200 (s)", "maps": "startup: -> page with maps shown (s)",
+              "ready": "startup: -> page fully loaded (s)"}
+    return {name: {f"{labels[k]} [{len(v)} runs]": stats(v) for k, v in res.items()} for name, res in seen.items()}
 
 
 def main() -> int:
@@ -205,6 +243,9 @@ def main() -> int:
     ap.add_argument("--moves", type=int, default=30, help="slider moves per measurement")
     ap.add_argument("--skip-browser", action="store_true")
     ap.add_argument("--skip-startup", action="store_true")
+    ap.add_argument("--only-startup", action="store_true", help="measure the start-up only")
+    ap.add_argument("--startup-runs", type=int, default=3, help="start-ups per source tree (median reported)")
+    ap.add_argument("--baseline", help="another source tree whose start-up is timed in turns with this one")
     a = ap.parse_args()
     import torch
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -212,21 +253,28 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="vitslim-bench-app-"))
     try:
         demo_run = Path(a.run) if a.run else run_for_tests(tmp)
-        deit = deit_b_run(tmp / "deit-b")
         rows: list[tuple[str, str, tuple]] = []
-        for name, res in (("DeiT-B scores", bench_callback(deit, tmp / "wd1", a.moves)),
-                          (f"demo ({demo_run.name})", bench_callback(demo_run, tmp / "wd2", a.moves))):
-            rows += [(name, k, v) for k, v in res.items()]
-        if not a.skip_browser and shutil.which("chromium"):
-            rows += [(f"demo ({demo_run.name})", k, v) for k, v in bench_browser(demo_run, tmp / "wd3", a.moves).items()]
-        if not a.skip_startup:
-            rows += [(f"demo ({demo_run.name})", k, v) for k, v in bench_startup(demo_run, tmp / "wd4").items()]
+        if not a.only_startup:
+            deit = deit_b_run(tmp / "deit-b")
+            for name, res in (("DeiT-B scores", bench_callback(deit, tmp / "wd1", a.moves)),
+                              (f"demo ({demo_run.name})", bench_callback(demo_run, tmp / "wd2", a.moves))):
+                rows += [(name, k, v) for k, v in res.items()]
+            if not a.skip_browser and shutil.which("chromium"):
+                rows += [(f"demo ({demo_run.name})", k, v)
+                         for k, v in bench_browser(demo_run, tmp / "wd3", a.moves).items()]
+        if not a.skip_startup or a.only_startup:
+            trees = {"this checkout": ROOT}
+            if a.baseline:
+                trees[f"baseline {Path(a.baseline).name}"] = Path(a.baseline)
+            for tree, res in bench_startup(demo_run, tmp / "wd4", a.startup_runs, trees).items():
+                rows += [(f"demo, {tree}" if a.baseline else f"demo ({demo_run.name})", k, v) for k, v in res.items()]
         w0 = max(len(r[0]) for r in rows)
         w1 = max(len(r[1]) for r in rows)
         print(f"{'run':<{w0}}  {'measurement':<{w1}}  {'median':>9}  {'p90':>9}  {'max':>9}")
-        for run, what, (med, p90, mx) in rows:
-            unit = "" if "(s)" in what else " ms"
-            print(f"{run:<{w0}}  {what:<{w1}}  {med:>6.1f}{unit:3}  {p90:>6.1f}{unit:3}  {mx:>6.1f}{unit:3}")
+        for run, what, values in rows:
+            unit, digits = ("", 2) if "(s)" in what else (" ms", 1)
+            cells = "  ".join(f"{v:>6.{digits}f}{unit:3}" for v in values)
+            print(f"{run:<{w0}}  {what:<{w1}}  {cells}")
         print(f"(torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, load average "
               f"{', '.join(f'{v:.1f}' for v in os.getloadavg())})")
     finally:

@@ -224,7 +224,8 @@ LIVE_VIEWS = ("attention", "mlp", "tokens", "image", "layers", "scores")
 
 @dataclass
 class LoadRecord:
-    kind: str      # "slider" (change event + its images), "release", "tab", "timer"
+    kind: str      # "slider" (change event + its images), "heavy" (the heavy views sent after it), "release",
+                   # "tab", "timer"
     start: float   # time.monotonic() when sent
     ms: float
     error: str = ""
@@ -257,45 +258,47 @@ class LoadResult:
                 "max": ok[-1] if ok else float("nan"), "per_s": len(ok) / self.seconds if self.seconds else 0.0}
 
 
-class _Releases:
-    """A page's release events: sent in the background (the page does not wait for them), at most one in
-    flight and only the latest one pending (``trigger_mode="always_last"``). Latency: from the release to
-    its result, including the wait behind the page's previous release."""
+class _Background:
+    """A page's queued events that it does not wait for (the heavy views after a slider move, the
+    release): per kind at most one in flight and only the latest one pending (``trigger_mode=
+    "always_last"``). They go out one at a time, oldest pending first, on one event stream (Gradio has one
+    per session). Latency: from sending to its result, including the wait behind the page's previous
+    ones (records of the event's kind)."""
 
-    def __init__(self, pc: "PageClient", dep: dict, out: list, timeout: float) -> None:
-        self.pc, self.dep, self.out, self.timeout = pc, dep, out, timeout
+    def __init__(self, pc: "PageClient", deps: dict[str, dict], out: list, timeout: float) -> None:
+        self.pc, self.deps, self.out, self.timeout = pc, deps, out, timeout
         self._cond = threading.Condition()
-        self._pending: tuple[float, list] | None = None
+        self._pending: dict[str, tuple[float, list]] = {}
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="load-client-releases")
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="load-client-background")
         self._thread.start()
 
-    def send(self, data: list) -> None:
+    def send(self, kind: str, data: list) -> None:
         with self._cond:
-            self._pending = (time.monotonic(), data)
+            self._pending[kind] = (time.monotonic(), data)
             self._cond.notify()
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while self._pending is None and not self._closed:
+                while not self._pending and not self._closed:
                     self._cond.wait()
                 if self._closed:
                     return
-                t, data = self._pending
-                self._pending = None
+                kind = min(self._pending, key=lambda k: self._pending[k][0])
+                t, data = self._pending.pop(kind)
             try:
-                self.pc.submit(self.dep, data, timeout=self.timeout)
-                self.out.append(LoadRecord("release", t, 1e3 * (time.monotonic() - t)))
+                self.pc.submit(self.deps[kind], data, timeout=self.timeout)
+                self.out.append(LoadRecord(kind, t, 1e3 * (time.monotonic() - t)))
             except Exception as e:  # noqa: BLE001 - counted as an error of the run
-                self.out.append(LoadRecord("release", t, 1e3 * (time.monotonic() - t),
+                self.out.append(LoadRecord(kind, t, 1e3 * (time.monotonic() - t),
                                            f"{type(e).__name__}: {str(e)[:200]}"))
 
     def close(self) -> None:
-        """Drop what is pending and wait (bounded) for the release in flight."""
+        """Drop what is pending and wait (bounded) for the event in flight."""
         with self._cond:
             self._closed = True
-            self._pending = None
+            self._pending.clear()
             self._cond.notify()
         self._thread.join(self.timeout + 5)
         self.pc.close()
@@ -304,15 +307,16 @@ class _Releases:
 def _client_loop(url: str, config: dict, index: int, view: str | None, clock: dict, start: threading.Barrier,
                  budget: tuple[float, float, float], drag: int, counter: "RequestBudget", out: list,
                  setup_errors: list, timer_every: float, seed: int, timeout: float) -> None:
-    """One page: picks its tab, waits for the others (``start``), then drags the FLOPs slider (``drag``
-    change events, then a release) until ``clock["end"]`` or until ``counter`` runs out, and polls the
-    job line like the page's timer."""
+    """One page: picks its tab, waits for the others (``start``), then drags the FLOPs slider until
+    ``clock["end"]`` or until ``counter`` runs out: each move is the change event (the live views), then
+    in the background the heavy views if its answer asks for them, and every ``drag`` moves a release; it
+    polls the job line like the page's timer."""
     import random
     rng = random.Random(seed * 1000 + index)
     lo, hi, step = budget
     n_steps = int(round((hi - lo) / step))
     value = lo + step * rng.randint(0, n_steps)
-    pc = releases = change = None
+    pc = background = change = None
 
     def timed(kind: str, fn) -> Any:
         t = time.monotonic()
@@ -328,6 +332,7 @@ def _client_loop(url: str, config: dict, index: int, view: str | None, clock: di
         pc = PageClient(url, config=config, timeout=timeout)
         slider = "vs-flops-slider"
         change = pc.dependency(slider, "change")
+        heavy = pc.dependency("vs-heavy-ask", "change")
         release = pc.dependency(slider, "release")
         timer = next(d for d in config["dependencies"]
                      if d.get("backend_fn") and any(t[1] == "tick" for t in d["targets"]))
@@ -342,9 +347,8 @@ def _client_loop(url: str, config: dict, index: int, view: str | None, clock: di
                 for d in pc.then_of(sel):
                     pc.submit(d, pc.inputs(d, **{slider: value}), trigger=tab)
             timed("tab", pick)
-        if drag:
-            releases = _Releases(PageClient(url, config=config, session_hash=pc.session_hash, timeout=timeout),
-                                 release, out, timeout)
+        background = _Background(PageClient(url, config=config, session_hash=pc.session_hash, timeout=timeout),
+                                 {"heavy": heavy, "release": release}, out, timeout)
     except Exception as e:  # noqa: BLE001 - a client that cannot start is an error of the run
         setup_errors.append(f"client {index}: {type(e).__name__}: {e}")
     try:
@@ -363,23 +367,26 @@ def _client_loop(url: str, config: dict, index: int, view: str | None, clock: di
             value = min(hi, max(lo, round(value + k * step, 6)))
             data = pc.inputs(change, **{slider: value})
 
-            def move() -> None:
+            def move() -> list:
                 outputs = pc.run(change, data)
                 if not (isinstance(outputs[0], str) and ('id="vs-flops"' in outputs[0]
                                                          or 'id="vs-budget-error"' in outputs[0])):
                     raise PageError(f"the readout is not a plan: {str(outputs[0])[:120]}")
                 pc.fetch_files(outputs)
-            timed("slider", move)
-            if releases is not None and n % drag == 0:
-                releases.send(pc.inputs(release, **{slider: value}))
+                return outputs
+            outputs = timed("slider", move)
+            if outputs and isinstance(outputs[-1], str):  # the live answer asks for the heavy views
+                background.send("heavy", pc.inputs(heavy, **{slider: value}))
+            if drag and n % drag == 0:
+                background.send("release", pc.inputs(release, **{slider: value}))
             if time.monotonic() >= next_tick:
                 next_tick += timer_every
                 timed("timer", lambda: pc.run(timer, pc.inputs(timer), trigger=timer["targets"][0][0]))
     except Exception as e:  # noqa: BLE001
         setup_errors.append(f"client {index}: {type(e).__name__}: {e}")
     finally:
-        if releases is not None:
-            releases.close()
+        if background is not None:
+            background.close()
         pc.close()
 
 
@@ -412,9 +419,11 @@ def slider_load(url: str, clients: int = 16, seconds: float = 10.0, updates: int
 
     Each page first selects its tab (``views[i % len(views)]``; None: all stay on the first tab; a
     "tab" record); when all have, the clock starts and each sends the slider's change event and loads
-    the images it returns (one "slider" record), every ``drag`` moves the release event in the
-    background as the page does (a "release" record: the heavy view of that tab), and polls the job
-    line every ``timer_every`` seconds. Budgets below ``lowest`` are not sent. Bounded: every
+    the images it returns (one "slider" record), then, in the background as the page does, the heavy
+    views when the answer asks for them (tabs that have any; a "heavy" record: the server draws them once
+    the page's budget stays put, so during a drag most are answered with skips) and every ``drag`` moves
+    the release event (a "release" record), and polls the job line every ``timer_every`` seconds.
+    Budgets below ``lowest`` are not sent. Bounded: every
     client stops at ``seconds`` plus the ``timeout`` of a request in flight.
     """
     import httpx

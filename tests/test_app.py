@@ -93,6 +93,71 @@ def test_heavy_views_only_for_their_tab(ex, key):
     assert all(skipped(v) for v in ex.heavy_views("attention", *budget(key, 0.5), None, []))
 
 
+def test_heavy_views_name_the_budget_they_were_drawn_for(ex, key):
+    """The readout's stamp (FLOPs and kept counts) is in the figure labels and the prediction caption."""
+    from vitslim_app.views import budget_stamp
+    stamp = budget_stamp(ex.plan(ex.run(key), Budget.of("flops", 0.45)).plan)
+    assert f'data-stamp="{stamp}"' in ex.budget_views(*budget(key, 0.45), 0, False, None, "attention")[0]
+    _, md, _, _ = ex.heavy_views("image", *budget(key, 0.45), None, [])
+    assert stamp in md
+    assert stamp in ex.heavy_views("accuracy", *budget(key, 0.45), None, [])[2]["label"]
+    assert stamp in ex.heavy_views("scores", *budget(key, 0.45), None, [])[3]["label"]
+
+
+def test_live_views_ask_for_heavy_views_only_on_tabs_that_have_them(ex, key):
+    asks = set()
+    for view in ("image", "accuracy", "scores"):
+        out = ex.live_views(*budget(key, 0.5), 0, False, None, view)
+        assert len(out) == 10 and isinstance(out[-1], str) and out[-1] not in asks  # a new value: a change
+        asks.add(out[-1])
+    for view in ("attention", "mlp", "tokens", "layers", "history"):
+        assert skipped(ex.live_views(*budget(key, 0.5), 0, False, None, view)[-1])
+    assert skipped(ex.live_views(*budget(key, 0.0), 0, False, None, "scores")[-1])  # a bad budget: nothing to draw
+
+
+def test_settled_heavy_views_draw_the_latest_budget_once(run_dir, tmp_path):
+    """Per page: a heavy call whose budget is no longer the page's latest is skipped at once; the latest
+    one is drawn (after the quiet period), and asking again for the same views is free."""
+    ex = Explorer([run_dir], tmp_path, job=RetrainJob())
+    key = ex.registry.default_key()
+    page, other = SimpleNamespace(session_hash="page-a"), SimpleNamespace(session_hash="page-b")
+    heavy = lambda flops, req: ex.settled_heavy_views("scores", *budget(key, flops), None, [], req)  # noqa: E731
+    ex.budget_views(*budget(key, 0.5), 0, False, None, "scores", page)
+    ex.budget_views(*budget(key, 0.6), 0, False, None, "scores", page)  # the slider moved on
+    assert all(skipped(v) for v in heavy(0.5, page))
+    drawn = heavy(0.6, page)
+    assert skipped(drawn[0]) and not skipped(drawn[3]) and "score histograms at" in drawn[3]["label"]
+    assert all(skipped(v) for v in heavy(0.6, page))  # already on that page (the release after the change)
+    assert not skipped(heavy(0.5, other)[3])  # another page has its own budget (none noted: drawn)
+    assert not skipped(heavy(0.5, None)[3])  # no page at all (called directly): drawn
+    assert all(skipped(v) for v in ex.settled_heavy_views("attention", *budget(key, 0.6), None, [], page))
+    # a plain heavy_views (a tab was selected) is what the page shows next: the same ask is then free
+    ex.budget_views(*budget(key, 0.7), 0, False, None, "scores", page)
+    ex.heavy_views("scores", *budget(key, 0.7), None, [], page)
+    assert all(skipped(v) for v in heavy(0.7, page))
+
+
+def test_page_budgets_wait_is_bounded_and_follows_the_page():
+    import threading
+
+    from vitslim_app.explorer import PageBudgets
+    pages = PageBudgets(max_sessions=2)
+    assert pages.settle("nobody", "b", quiet=10.0)  # nothing noted: no wait
+    pages.asked("p", "b1")
+    pages.answered("p", "b1")
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("settled", pages.settle("p", "b1", quiet=30.0)))
+    t.start()
+    pages.asked("p", "b2")  # a newer budget ends the wait at once, with False
+    t.join(10)
+    assert not t.is_alive() and result["settled"] is False
+    assert pages.settle("p", "b2", quiet=0.0, max_quiet=0.0)
+    assert not pages.settle("p", "b1", quiet=0.0)
+    pages.asked("q", "x")
+    pages.asked("r", "y")  # at most max_sessions pages are remembered
+    assert pages.settle("p", "anything", quiet=10.0)
+
+
 def test_flops_readout_follows_the_budget(ex, key):
     hi = ex.budget_views(*budget(key, 0.9), 0, False, None)
     lo = ex.budget_views(*budget(key, 0.4), 0, False, None)
@@ -172,6 +237,9 @@ def test_open_run_fills_the_page(ex, key):
     assert image["tensor"].shape[1:] == (run.spec.in_chans, *run.spec.img_size)
     assert layer_upd["maximum"] == run.spec.depth - 1 and layer_upd["value"] == run.spec.depth - 1
     assert "blocks" in summary
+    # on any other tab the history figure (matplotlib) waits until its tab is selected
+    assert skipped(ex.open_run(key, None, 0, "attention")[1])
+    assert len(ex.history_view(key).axes) == 4
 
 
 def test_unknown_runs_are_refused(ex, tmp_path):
@@ -446,6 +514,11 @@ def test_url_state_reads_and_sanitises(ex, key):
     assert ex.url_state({"attn": "0.5"})["mode"] == "ratios"
     assert ex.url_state({"run": Path(key).name}).get("run") == key
     assert "run" not in ex.url_state({"run": "/etc"})
+    absurd = {"flops": "9" * 70_000, "attn": "1e999999", "mlp": "-inf", "token": "0x10", "layer": "-1e400",
+              "view": "v" * 3000, "mode": "ratios" * 100, "run": "." * 10_000, 17: "0.5", "x": ["0.3"]}
+    assert ex.url_state(absurd) == {}
+    assert ex.url_state({"flops": "1e-300", "layer": "1e9"}) == {"flops": 0.01, "layer": 10_000}
+    assert ex.url_state("not a dict") == {}
 
 
 def test_on_load_turns_the_url_into_updates(ex):

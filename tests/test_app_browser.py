@@ -94,6 +94,9 @@ def test_page_loads_offline(page, app_url):
     for name in ("Attention", "MLP", "Tokens", "Image", "Layers", "Scores", "History", "Accuracy", "Retrain",
                  "Export"):
         assert page.get_by_role("tab", name=name, exact=True).count() == 1
+    # the search history figure is drawn when its tab is selected
+    open_tab(page, "History")
+    page.locator("#vs-history img").wait_for()
 
 
 def test_flops_slider_updates_readout_and_token_grid(page, app_url):
@@ -223,3 +226,98 @@ def test_stop_cancels_a_running_job_and_others_see_it_is_busy(page, browser, app
     txt = page.inner_text("#vs-job-md")
     step = int(re.search(r"after (\d+) steps", txt).group(1))
     assert step < 50 * 22  # far from the end of 50 epochs
+
+
+# ====================================================================== every view at the same budget
+# The readout carries the budget it shows (data-stamp: FLOPs and kept counts); the views drawn apart from
+# it (the Scores and Accuracy figures, the prediction) name the budget they were drawn for.
+HEAVY_MARKERS = {"Scores": "#vs-hist-plot label[data-testid=block-label]",
+                 "Accuracy": "#vs-acc-plot label[data-testid=block-label]",
+                 "Image": "#vs-pred-md"}
+LIVE_MAPS = {"Scores": "#vs-hist img", "Image": "#vs-strip img"}  # live maps that change with every big move
+
+
+def readout_stamp(page) -> str:
+    return page.get_attribute("#vs-readout .vs-readout", "data-stamp") or ""
+
+
+def wait_views_agree(page, tab: str, old: str | None = None, flops_pct: float | None = None) -> str:
+    """Wait (bounded) until the readout shows a budget other than ``old`` and the heavy view of ``tab``
+    names the same budget; ``flops_pct``: the readout must also show about that FLOPs percentage (the
+    number the controls ask for, so the readout is not stale either). Returns the stamp."""
+    page.wait_for_function(
+        """([sel, old, pct]) => {
+             const r = document.querySelector('#vs-readout .vs-readout');
+             const h = document.querySelector(sel);
+             if (!r || !h) return false;
+             const s = r.dataset.stamp || '';
+             if (!s || s === old || !h.textContent.includes(s)) return false;
+             return pct === null || Math.abs(parseFloat(s) - pct) < 0.6;
+           }""", arg=[HEAVY_MARKERS[tab], old, flops_pct], timeout=T)
+    stamp = readout_stamp(page)
+    # the readout's own cards say the same numbers as its stamp
+    dims = re.search(r"(\d+/\d+) attention dims", stamp).group(1)
+    assert dims in page.inner_text("#vs-dims")
+    return stamp
+
+
+@pytest.mark.parametrize("tab", ["Scores", "Accuracy", "Image"])
+def test_keys_and_typed_budgets_leave_every_view_at_that_budget(page, app_url, tab):
+    """Arrow keys, PageUp/PageDown and a typed number (Enter, no blur: no release event) move the budget:
+    the readout, the tab's map and its heavy view all end at the new budget."""
+    open_app(page, app_url)
+    open_tab(page, tab)
+    stamp = wait_views_agree(page, tab)
+    rng = page.locator("#vs-flops-slider input[type=range]")
+    box = page.locator("#vs-flops-slider input[type=number]")
+
+    def moved(action, big: bool, pct=None) -> None:
+        nonlocal stamp
+        src = page.get_attribute(LIVE_MAPS[tab], "src") if big and tab in LIVE_MAPS else None
+        action()
+        stamp = wait_views_agree(page, tab, old=stamp,
+                                 flops_pct=pct if pct is not None else 100 * float(box.input_value()))
+        if src is not None:  # the live map came with the readout
+            page.wait_for_function("([sel, s]) => document.querySelector(sel).getAttribute('src') !== s",
+                                   arg=[LIVE_MAPS[tab], src], timeout=T)
+
+    def keys(*names):
+        def press():
+            rng.focus()
+            for k in names:
+                rng.press(k)
+        return press
+
+    def typed(text):
+        def type_it():
+            box.fill(text)
+            box.press("Enter")
+        return type_it
+    moved(keys("ArrowRight", "ArrowRight", "ArrowRight"), big=False)
+    moved(keys("ArrowLeft"), big=False)
+    moved(keys("PageDown"), big=True)
+    moved(keys("PageUp", "PageUp"), big=True)
+    moved(typed("0.45"), big=True, pct=45)
+    moved(typed("0.72"), big=True, pct=72)
+    assert "flops=0.72" in page.url
+
+
+def test_url_mode_switch_and_ratio_sliders_leave_every_view_at_that_budget(page, app_url):
+    page.goto(app_url + "?flops=0.37&view=scores")
+    page.wait_for_selector("#vs-flops .vs-v")
+    stamp = wait_views_agree(page, "Scores", flops_pct=37)
+    page.get_by_label("per-dimension ratios").check()
+    stamp = wait_views_agree(page, "Scores", old=stamp, flops_pct=100)  # all ratios at 1: dense
+    mlp = page.locator("#vs-mlp-slider input[type=number]")
+    mlp.fill("0.3")
+    mlp.press("Enter")
+    stamp = wait_views_agree(page, "Scores", old=stamp)
+    kept, total = map(int, re.search(r"(\d+)/(\d+) MLP units", stamp).groups())
+    assert abs(kept / total - 0.3) < 0.05, stamp
+    tok = page.locator("#vs-token-slider input[type=range]")
+    tok.focus()
+    for _ in range(4):
+        tok.press("ArrowLeft")
+    stamp = wait_views_agree(page, "Scores", old=stamp)
+    page.get_by_label("FLOPs budget", exact=True).check()
+    wait_views_agree(page, "Scores", old=stamp, flops_pct=37)

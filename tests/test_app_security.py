@@ -392,3 +392,159 @@ def test_no_pickle_is_read_anywhere_in_the_engine_or_app():
         for f in sorted((REPO / folder).rglob("*.py")):
             found += pickle_uses(f.read_text(), str(f.relative_to(REPO)))
     assert not found, "\n".join(found)
+
+
+# ====================================================================== images are checked before they are decoded
+def _huge_png(path: Path, w: int = 12000, h: int = 12000) -> Path:
+    """A valid 8-bit grayscale PNG of w x h black pixels (144 M pixels, ~140 kB), written without ever
+    holding the pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    comp = zlib.compressobj(9)
+    row = b"\0" * (w + 1)  # filter byte + pixels
+    idat = b"".join(comp.compress(row) for _ in range(h)) + comp.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+class PeakRSS:
+    """Growth of this process's peak RSS (MB) over a block: the kernel's high-water mark, reset at the
+    start (/proc/self/clear_refs), or where that is not allowed the largest RSS a sampling thread saw."""
+
+    def __enter__(self) -> "PeakRSS":
+        import threading
+        psutil = pytest.importorskip("psutil")
+        self.proc = psutil.Process()
+        self.start = self.proc.memory_info().rss
+        self.hwm = self._reset_hwm()
+        self.peak, self.done = self.start, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    @staticmethod
+    def _reset_hwm() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.005):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join(5)
+        peak = self.peak
+        if self.hwm:
+            with open("/proc/self/status") as f:
+                line = next(l for l in f if l.startswith("VmHWM:"))
+            peak = max(peak, int(line.split()[1]) * 1024)
+        self.growth_mb = (peak - self.start) / 2**20
+
+
+def _api_error(url: str, api_name: str, data: list) -> str:
+    """The error message of a named endpoint called with raw ``data`` (what no client library sends)."""
+    r = requests.post(f"{url}gradio_api/call/{api_name}", json={"data": data}, timeout=TIMEOUT)
+    r.raise_for_status()
+    with requests.get(f"{url}gradio_api/call/{api_name}/{r.json()['event_id']}", stream=True,
+                      timeout=TIMEOUT) as s:
+        lines = [line for line in s.iter_lines(decode_unicode=True) if line]
+    assert "event: error" in lines, lines[:4]
+    return json.loads(lines[lines.index("event: error") + 1][len("data:"):])["error"]
+
+
+RSS_BOUND_MB = 200  # the 12000 x 12000 PNG decoded (as the old gr.Image input did): +1.5 GB
+
+
+@pytest.fixture(scope="module")
+def overlay_app(tmp_path_factory):
+    """An app with the real upload limit (the huge PNG is 140 kB)."""
+    run = run_for_tests(tmp_path_factory.getbasetemp())
+    demo, url = _launch(run, tmp_path_factory.mktemp("overlay-workdir"), monkeypatch_limit=False)
+    try:
+        yield demo, url
+    finally:
+        demo.close()
+
+
+def test_token_overlay_refuses_huge_and_inline_images_before_decoding_them(overlay_app, tmp_path):
+    """/token_overlay takes the image as a file: whatever arrives is checked by load_image (format,
+    pixel count from the header) before anything decodes it; data: URLs and web URLs are refused
+    before Gradio would decode or download them. Each refusal is one line; memory stays flat."""
+    import base64
+    import gc
+    demo, url = overlay_app
+    client = gradio_client.Client(url, verbose=False)
+    png = _huge_png(tmp_path / "huge.png")
+    data_url = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+    meta = {"_type": "gradio.FileData"}
+    cases = {"huge PNG": gradio_client.handle_file(str(png)),
+             "data: URL": {"path": None, "url": data_url, "meta": meta},
+             "data: URL as the path": {"path": data_url, "meta": meta},  # gradio_client will not send it
+             "data: URL as plain text": data_url,
+             "web URL": {"path": "http://127.0.0.1:9/huge.png", "meta": meta}}
+    for name, arg in cases.items():
+        gc.collect()
+        with PeakRSS() as rss:
+            if name == "data: URL as the path":
+                msg = _api_error(url, "token_overlay", [arg, 0, 0.5])
+            else:
+                with pytest.raises(Exception) as err:
+                    client.predict(arg, 0, 0.5, api_name="/token_overlay")
+                msg = str(err.value)
+        assert len(msg.splitlines()) == 1 and len(msg) < 300, (name, msg[:300])
+        assert "iVBOR" not in msg and "/tmp/" not in msg and "Traceback" not in msg, (name, msg[:300])
+        assert rss.growth_mb < RSS_BOUND_MB, (name, rss.growth_mb)
+        if name == "huge PNG":
+            assert "12000x12000" in msg, msg
+        else:
+            assert "uploaded" in msg, msg
+    # and an ordinary image still gets its overlay
+    from PIL import Image
+    small = tmp_path / "small.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(small)
+    out = client.predict(gradio_client.handle_file(str(small)), 1, 0.5, api_name="/token_overlay")
+    assert Image.open(out).size[0] >= 16
+
+
+# ====================================================================== URLs
+def _raw_get(url: str, target: str) -> tuple[int | None, bytes]:
+    """GET ``target`` with a hand-written request (HTTP clients refuse URLs over 64 kB); (status or None
+    when the server closed the connection without an answer, body)."""
+    import socket
+    from urllib.parse import urlparse
+    u = urlparse(url)
+    data = b""
+    with socket.create_connection((u.hostname, u.port), timeout=TIMEOUT) as s:
+        s.sendall(f"GET {target} HTTP/1.1\r\nHost: {u.netloc}\r\nConnection: close\r\n\r\n".encode())
+        try:
+            while chunk := s.recv(1 << 16):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    if not data.startswith(b"HTTP/1.1 "):
+        return None, data
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_long_urls_get_a_clean_answer(served):
+    demo, url, _ = served
+    for target in ("/?flops=" + "9" * 70_000, "/?view=tokens&" + "x=1&" * 20_000,
+                   "/gradio_api/file=" + "a" * 70_000, "/config?" + "b" * 20_000):
+        status, body = _raw_get(url, target)
+        assert status == 414 and body.strip() == b"URL too long (more than 16384 bytes)", (target[:40], status)
+    status, body = _raw_get(url, "/?flops=" + "9" * 1_000_000)  # beyond the HTTP server's own limit
+    assert status in (None, 400, 414), status
+    # the app is fine, and a URL of ordinary length with absurd values opens the page
+    for target in ("/?flops=0.4", "/?flops=" + "9" * 5_000 + "&layer=-1e400&view=" + "v" * 3000):
+        status, body = _raw_get(url, target)
+        assert status == 200 and b"ViT-Slim" in body, (target[:40], status)
