@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NB_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
 EXPECTED = ["01_what_vit_slim_does.ipynb", "02_search_yourself.ipynb", "03_slim_retrain_measure.ipynb",
-            "04_scaling_up.ipynb"]
+            "04_scaling_up.ipynb", "05_does_it_work.ipynb"]
 CELL_TIMEOUT_S = 600
 TIMINGS: dict[str, float] = {}
 
@@ -48,7 +48,7 @@ def tutorial_run(tmp_path_factory) -> Path | None:
     return None if bundled_demo() else run_for_tests(tmp_path_factory.getbasetemp())
 
 
-def test_the_four_tutorials_are_there():
+def test_the_five_tutorials_are_there():
     assert [p.name for p in NOTEBOOKS] == EXPECTED
 
 
