@@ -163,7 +163,7 @@ def main() -> int:
             notes.append(f"warm-up errors: {warm.errors()[:3]}")
 
         def add(phase: str, res) -> None:
-            for kind in ("slider", "release", "timer"):
+            for kind in ("slider", "heavy", "release", "timer"):
                 s = dict(res.stats(kind), seconds=res.seconds)
                 if s["served"] or s["errors"]:
                     rows.append((phase, s))
