@@ -1,4 +1,4 @@
-"""Datasets for search, retraining and the app: bundled digits, ImageFolder, CIFAR, synthetic.
+"""Datasets for search, retraining and the app: bundled digits, Fashion-MNIST, ImageFolder, CIFAR, synthetic.
 
 Every dataset yields ``(image, label)`` with ``image`` a normalised float32 (C, H, W) tensor.
 Training augmentation never touches the global random generators: each sample draws its
@@ -28,7 +28,8 @@ from torch.utils.data import Dataset
 
 from .errors import DataError
 
-SPEC_FORMS = "digits, synthetic, synthetic:N, imagefolder:PATH, cifar10:PATH, cifar100:PATH"
+SPEC_FORMS = ("digits, synthetic, synthetic:N, fashion-mnist, fashion-mnist:PATH, imagefolder:PATH, cifar10:PATH, "
+              "cifar100:PATH")
 
 DIGITS_NATIVE = 8  # scikit-learn digits are 8x8 block counts in 0..16
 DIGITS_TEST_FRACTION = 0.2
@@ -64,11 +65,11 @@ def _generator(seed: int) -> torch.Generator:
 
 @dataclass
 class DatasetBundle:
-    """A train/test pair plus what a model and the app need to know about it.
+    """A train/test pair (and maybe a validation split) plus what a model and the app need to know.
 
     Args:
         train: training split; has ``set_epoch(epoch)`` for reproducible augmentation.
-        test: held-out split (never augmented).
+        test: held-out split (never augmented): the numbers to publish.
         num_classes: number of labels.
         class_names: a readable name per label index.
         name: short dataset name ("digits", "synthetic", "cifar10", folder name...).
@@ -76,6 +77,8 @@ class DatasetBundle:
         input_size: (C, H, W) of every image tensor.
         mean: per-channel normalisation mean.
         std: per-channel normalisation std.
+        val: a validation split carved from the training data for model selection (per-epoch
+            evaluation), or None where the dataset has none (then ``test`` is used).
     """
 
     train: Dataset
@@ -87,6 +90,12 @@ class DatasetBundle:
     input_size: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    val: Dataset | None = None
+
+    @property
+    def selection(self) -> tuple[Dataset, str]:
+        """The split to evaluate on during training and its name: ``val`` when there is one, else ``test``."""
+        return (self.val, "val") if self.val is not None else (self.test, "test")
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draws of ``epoch`` for the training split."""
@@ -445,12 +454,15 @@ def _first_line(err: BaseException) -> str:
 
 def load_data(spec: str, *, img_size: int | tuple[int, int], in_chans: int,
               mean: float | Sequence[float], std: float | Sequence[float], interpolation: str = "bicubic",
-              crop_pct: float = 0.875, augment: bool = True, seed: int = 0) -> DatasetBundle:
+              crop_pct: float = 0.875, augment: bool = True, seed: int = 0, data_root: str | Path = "data",
+              download: bool = False) -> DatasetBundle:
     """Load a train/test pair by spec, preprocessed for a model.
 
     Args:
-        spec: ``digits``, ``synthetic``, ``synthetic:N`` (N images per split), ``imagefolder:PATH``
-            (PATH/train and PATH/val in ImageNet layout), ``cifar10:PATH`` or ``cifar100:PATH``.
+        spec: ``digits``, ``synthetic``, ``synthetic:N`` (N images per split), ``fashion-mnist``
+            (found in Debian's folder or under ``data_root``), ``fashion-mnist:PATH`` (a folder with
+            the four IDX files, or a torchvision root), ``imagefolder:PATH`` (PATH/train and PATH/val
+            in ImageNet layout), ``cifar10:PATH`` or ``cifar100:PATH``.
         img_size: output side or (H, W).
         in_chans: output channels (gray images are repeated, colour images made gray for 1).
         mean: per-channel normalisation mean (one value is broadcast).
@@ -459,6 +471,8 @@ def load_data(spec: str, *, img_size: int | tuple[int, int], in_chans: int,
         crop_pct: centre-crop fraction of the eval transform for ImageFolder/CIFAR.
         augment: random training augmentation (the test split is never augmented).
         seed: augmentation/data seed; with ``set_epoch`` it fixes every augmented image.
+        data_root: torchvision's root folder for ``fashion-mnist`` without a path.
+        download: let torchvision download ``fashion-mnist`` into ``data_root`` when it is nowhere.
 
     Returns:
         The bundle; ``bundle.train.set_epoch(e)`` selects epoch ``e``'s augmentation.
@@ -487,6 +501,9 @@ def load_data(spec: str, *, img_size: int | tuple[int, int], in_chans: int,
             if n < 1:
                 raise DataError(f"synthetic:N needs a positive number of images, got {arg!r}")
         return _load_synthetic(n, hw, in_chans, mean_t, std_t, augment, seed, spec)
+    if kind == "fashion-mnist":
+        from .fashion import load_bundle
+        return load_bundle(arg or None, hw, in_chans, mean_t, std_t, augment, seed, spec, data_root, download)
     if kind in ("imagefolder", "cifar10", "cifar100"):
         if not arg:
             raise DataError(f"{kind} needs a folder: {kind}:PATH")
@@ -503,7 +520,8 @@ def load_data(spec: str, *, img_size: int | tuple[int, int], in_chans: int,
 
 
 def load_for(data_cfg: dict, name: str | None = None, *, input_size: Sequence[int] | None = None,
-             augment: bool = False, seed: int = 0) -> DatasetBundle:
+             augment: bool = False, seed: int = 0, data_root: str | Path = "data",
+             download: bool = False) -> DatasetBundle:
     """Load a dataset preprocessed as a model's data config says (``data_config(model)`` or a run's
     ``scores.meta["data"]``: input_size, mean, std, interpolation, crop_pct, name).
 
@@ -513,6 +531,8 @@ def load_for(data_cfg: dict, name: str | None = None, *, input_size: Sequence[in
         input_size: (C, H, W) to use when the config has none.
         augment: training augmentation.
         seed: augmentation seed.
+        data_root: torchvision's root folder (``fashion-mnist`` without a path).
+        download: allow torchvision to download a missing ``fashion-mnist``.
     """
     spec = name or data_cfg.get("name")
     if not spec:
@@ -523,7 +543,7 @@ def load_for(data_cfg: dict, name: str | None = None, *, input_size: Sequence[in
     return load_data(spec, img_size=tuple(int(v) for v in inp[1:]), in_chans=int(inp[0]),
                      mean=data_cfg.get("mean", 0.5), std=data_cfg.get("std", 0.5),
                      interpolation=data_cfg.get("interpolation", "bicubic"), crop_pct=data_cfg.get("crop_pct", 0.875),
-                     augment=augment, seed=seed)
+                     augment=augment, seed=seed, data_root=data_root, download=download)
 
 
 def _is_num(v: Any) -> bool:
