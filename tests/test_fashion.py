@@ -383,3 +383,30 @@ def test_sample_file_errors(tmp_path):
     fashion.save_samples(tmp_path / "s.safetensors", np.zeros((3, 28, 28)), np.array([0, 1, 9]), np.arange(3))
     images, labels, _ = fashion.load_samples(tmp_path / "s.safetensors")
     assert images.shape == (3, 28, 28) and labels.tolist() == [0, 1, 9]
+
+
+def test_user_images_are_preprocessed_like_the_data(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from vitslim_core.data import image_to_tensor
+
+    cfg = {"input_size": (1, 28, 28), "mean": fashion.MEAN, "std": fashion.STD, "interpolation": "bilinear",
+           "crop_pct": 1.0}
+    garment = np.zeros((28, 28), dtype=np.uint8)  # like the data: a bright object on black
+    garment[3:25, 6:22] = np.random.default_rng(2).integers(60, 256, size=(22, 16))
+    ds = fashion.FashionDataset(garment[None], np.array([3]), (28, 28), 1, fashion.MEAN, fashion.STD)
+    buf = io.BytesIO()
+    Image.fromarray(garment).save(buf, format="PNG")
+    png = Image.open(io.BytesIO(buf.getvalue()))
+    for dataset in ("fashion-mnist", None):  # None: recognised by the statistics
+        assert torch.equal(image_to_tensor(png, cfg, dataset=dataset)[0], ds[0][0])
+    # a dark garment photographed on white paper, wider than high: inverted, fitted, aspect kept
+    photo = np.full((60, 120), 255, dtype=np.uint8)
+    photo[10:50, 30:90] = 40
+    x = image_to_tensor(Image.fromarray(photo).convert("RGB"), cfg, dataset="fashion-mnist:/any/path")[0, 0]
+    pixels = x * fashion.STD[0] + fashion.MEAN[0]
+    assert x.shape == (28, 28)
+    assert torch.allclose(pixels[:7], torch.zeros(7, 28), atol=1e-6)  # black bars above and below
+    assert pixels[14, 14] > 0.8 and pixels[9, 2] < 0.05  # the garment is bright, the paper black

@@ -731,6 +731,35 @@ def _digits_image(gray: Image.Image, hw: tuple[int, int]) -> torch.Tensor:
     return upscale_digits(x[None, None], hw)[0]
 
 
+def _fashion_image(gray: Image.Image, hw: tuple[int, int]) -> torch.Tensor:
+    """A gray photo of a garment -> (1, H, W) in [0, 1], shaped like Fashion-MNIST: light on black
+    (inverted when the border is light), the whole picture fitted into the frame with its aspect kept."""
+    arr = np.asarray(gray, dtype=np.float32) / 255.0
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    if border.mean() > 0.5:
+        arr = 1.0 - arr
+    rows, cols = arr.shape
+    h, w = hw
+    scale = min(h / rows, w / cols)
+    size = (max(1, min(w, round(cols * scale))), max(1, min(h, round(rows * scale))))  # PIL: (width, height)
+    pic = Image.fromarray(arr, mode="F")
+    if size != pic.size:
+        pic = pic.resize(size, Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR)
+    frame = np.zeros((h, w), dtype=np.float32)
+    top, left = (h - size[1]) // 2, (w - size[0]) // 2
+    frame[top:top + size[1], left:left + size[0]] = np.asarray(pic, dtype=np.float32)
+    return torch.from_numpy(frame).clamp_(0.0, 1.0)[None]
+
+
+def is_fashion_config(data_cfg: dict) -> bool:
+    """Whether a data config is Fashion-MNIST's (one channel with its training statistics)."""
+    from .fashion import MEAN, STD
+
+    mean, std = tuple(data_cfg.get("mean", ())), tuple(data_cfg.get("std", ()))
+    return (len(mean) == 1 and len(std) == 1 and abs(mean[0] - MEAN[0]) < 1e-6
+            and abs(std[0] - STD[0]) < 1e-6)
+
+
 def image_to_tensor(img: Image.Image, data_cfg: dict, *, dataset: str | None = None) -> torch.Tensor:
     """Preprocess one user image like the evaluation transform of the model's data.
 
@@ -739,8 +768,10 @@ def image_to_tensor(img: Image.Image, data_cfg: dict, *, dataset: str | None = N
         data_cfg: ``input_size`` (C, H, W), ``mean``, ``std``, ``interpolation``, ``crop_pct``
             (as from ``vitslim_core.models.data_config``).
         dataset: the training dataset's name; ``"digits"`` selects the digits preprocessing (gray,
-            inverted if dark-on-light, ink box fitted to the frame). ``None`` recognises the digits
-            demo model by its normalisation statistics.
+            inverted if dark-on-light, ink box fitted to the frame), ``"fashion-mnist[:PATH]"`` the
+            Fashion-MNIST one (gray, inverted if the border is light, the picture fitted to the frame
+            with its aspect kept: a 28x28 test image stays as it is). ``None`` recognises either
+            model by its normalisation statistics.
 
     Returns:
         A (1, C, H, W) float32 tensor.
@@ -762,8 +793,12 @@ def image_to_tensor(img: Image.Image, data_cfg: dict, *, dataset: str | None = N
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"data config needs input_size (C, H, W), mean and std: {_first_line(err)}") from None
     digits = dataset == "digits" if dataset is not None else is_digits_config(data_cfg)
+    clothes = (dataset.partition(":")[0].strip().lower() == "fashion-mnist" if dataset is not None
+               else is_fashion_config(data_cfg))
     if digits:
         x = _digits_image(to_standard_mode(img, gray=True), (h, w))
+    elif clothes:
+        x = _fashion_image(to_standard_mode(img, gray=True), (h, w))
     else:
         from timm.data import create_transform
 
