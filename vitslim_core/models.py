@@ -58,11 +58,14 @@ FASHION_ARCH: dict[str, Any] = dict(
     embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0, qkv_bias=True,
 )
 
-# From-scratch recipe for fashion-vit (see FASHION_ARCH): AdamW, warmup then cosine to 0 (per step),
-# label smoothing, gradient clipping, random crop (2 px padding) and horizontal flip.
+# From-scratch recipe for fashion-vit (see FASHION_ARCH): AdamW, 1 warmup epoch then cosine to 0 (per
+# step), label smoothing, gradient clipping, no augmentation. Measured (seed 0, 10 epochs, val/test top-1):
+# this recipe 89.2/89.3; horizontal flip 89.1/88.8; random crop (2 px padding) + flip at lr 1e-3
+# 86.7/86.8 (no augmentation at lr 1e-3: 88.8/88.8). In ten epochs the model underfits (train 93%),
+# so augmentation only slows it down. Batch 64 costs no more per epoch than 128 on 2 CPU cores.
 FASHION_TRAIN: dict[str, Any] = dict(
-    epochs=10, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=1, schedule="cosine",
-    label_smoothing=0.1, clip_grad=1.0, drop_path_rate=0.0, augment=True,
+    epochs=10, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=1, schedule="cosine",
+    label_smoothing=0.1, clip_grad=1.0, drop_path_rate=0.0, augment=False,
 )
 
 _FASHION_CFG: dict[str, Any] = dict(
