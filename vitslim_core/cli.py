@@ -104,6 +104,8 @@ def _threads(text: str) -> int:
 OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "data": (("--data",), dict(help="dataset (default: the one the run was made for): digits | fashion-mnist[:PATH] | "
                                     "synthetic[:N] | imagefolder:PATH | cifar10:PATH | cifar100:PATH")),
+    "data_root": (("--data-root",), dict(default="data", help="torchvision's root folder for fashion-mnist without "
+                                                             "a PATH (default %(default)s)")),
     "download": (("--download",), dict(action="store_true",
                                        help="allow downloading a dataset that is not on disk (torchvision)")),
     "no_augment": (("--no-augment",), dict(action="store_true", help="no training augmentation")),
@@ -191,7 +193,7 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str | None) -> No
     src = g.add_mutually_exclusive_group()
     _options(src, "pretrained", "checkpoint", pretrained=dict(help="download timm's pretrained weights (needs internet)"),
              checkpoint=dict(help="local .pth/.safetensors weights for --model"))
-    _options(g, "img_size", "data", "download", "no_augment", data=dict(default="digits", help=(
+    _options(g, "img_size", "data", "data_root", "download", "no_augment", data=dict(default="digits", help=(
         "digits | fashion-mnist[:PATH] | synthetic[:N] | imagefolder:PATH | cifar10:PATH | cifar100:PATH "
         "(default %(default)s)")))
 
@@ -204,7 +206,7 @@ def cmd_search(a: argparse.Namespace) -> int:
                        search_mlp=not a.no_mlp, search_token=not a.no_token, distill=a.distill,
                        distill_tau=a.distill_tau, distill_alpha=a.distill_alpha, masks_only=a.masks_only,
                        mask_lr=a.mask_lr, drop_path=a.drop_path, mixup=a.mixup, cutmix=a.cutmix,
-                       label_smoothing=a.smoothing, download=a.download, **_loop_kwargs(a))
+                       label_smoothing=a.smoothing, data_root=a.data_root, download=a.download, **_loop_kwargs(a))
     res = search(cfg, resume=a.resume)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only the first process reports
         return 0
@@ -358,7 +360,7 @@ def cmd_retrain(a: argparse.Namespace) -> int:
                         multiple=a.multiple, data=a.data, distill=a.distill, distill_tau=a.distill_tau,
                         distill_alpha=a.distill_alpha, mixup=a.mixup, cutmix=a.cutmix,
                         label_smoothing=a.smoothing, drop_path=a.drop_path, augment=not a.no_augment,
-                        download=a.download, **_loop_kwargs(a))
+                        data_root=a.data_root, download=a.download, **_loop_kwargs(a))
     res = retrain(cfg, resume=a.resume)
     if os.environ.get("RANK", "0") != "0":
         return 0
@@ -376,7 +378,7 @@ def add_retrain(sub) -> None:
     _add_budget_args(p)
     _options(p, "plan")
     p.add_argument("--out", default="runs/retrain", help="output folder (default %(default)s)")
-    _options(p, "data", "download", "no_augment")
+    _options(p, "data", "data_root", "download", "no_augment")
     p.add_argument("--distill", default="soft", choices=["none", "soft", "hard"],
                    help="distil from the unslimmed searched model (default %(default)s)")
     _options(p, "distill_tau", "distill_alpha", "mixup", "cutmix", "smoothing", "drop_path", "recipe",
@@ -417,7 +419,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .train import evaluate, resolve_device
     model, meta, what = load_any_model(a.target, a)
     from .data import load_for
-    bundle = load_for(meta, a.data, input_size=input_shape(model), download=a.download)
+    bundle = load_for(meta, a.data, input_size=input_shape(model), data_root=a.data_root, download=a.download)
     ds = bundle.test if a.split == "test" else bundle.train
     device = resolve_device(a.device)
     ev = evaluate(model.to(device), ds, batch_size=a.batch_size, device=device)
@@ -435,7 +437,7 @@ def add_eval(sub) -> None:
                                    "or a timm model on a dataset split.")
     p.add_argument("target", help="slim folder, search run folder, or timm model name")
     _add_budget_args(p)
-    _options(p, "data", "download")
+    _options(p, "data", "data_root", "download")
     p.add_argument("--split", default="test", choices=["test", "train"])
     _options(p, "batch_size", "device", "pretrained", "checkpoint", "json")
     p.set_defaults(func=cmd_eval)
@@ -455,7 +457,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     bar = tqdm(total=len(a.budgets), desc="sweep", disable=os.environ.get("VITSLIM_NO_PROGRESS") not in (None, "", "0"))
     try:
         rows = sweep(a.run, a.budgets, data=a.data, batch_size=a.batch_size, multiple=a.multiple,
-                     download=a.download, progress=lambda i, n, row: bar.update(1))
+                     data_root=a.data_root, download=a.download, progress=lambda i, n, row: bar.update(1))
     finally:
         bar.close()
     paths = write_sweep(rows, a.out or a.run)
@@ -473,7 +475,7 @@ def add_sweep(sub) -> None:
     p.add_argument("run", help="search run folder")
     p.add_argument("--budgets", type=_budget_list, default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
                    help="comma-separated FLOPs ratios (default 0.3,...,1.0)")
-    _options(p, "data", "download")
+    _options(p, "data", "data_root", "download")
     p.add_argument("--out", help="folder for sweep.* (default: the run folder)")
     _options(p, "batch_size", "multiple")
     p.set_defaults(func=cmd_sweep)
@@ -532,18 +534,22 @@ def add_bench(sub) -> None:
 
 # ----------------------------------------------------------------------------- demo / app
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import build_demo
-    out = build_demo(a.out, quick=a.quick)
+    from .demo import DEMO_DIR, FASHION_DIR, build_demo
+    out = a.out or (FASHION_DIR if a.data == "fashion-mnist" else DEMO_DIR)
+    out = build_demo(out, quick=a.quick, data=a.data, data_root=a.data_root, download=a.download)
     print(f"wrote the demo run to {out}")
     return 0
 
 
 def add_demo(sub) -> None:
-    from .demo import DEMO_DIR
-    p = sub.add_parser("demo", help="rebuild the bundled digits demo end to end (CPU)",
-                       description="Train the tiny digits ViT, search it, and write the bundled demo run.")
-    p.add_argument("--out", default=str(DEMO_DIR), help="where to write the run (default: the bundled assets)")
+    p = sub.add_parser("demo", help="rebuild a bundled demo run end to end (CPU)",
+                       description="Train the small ViT of a bundled run from scratch, search it, and write the run "
+                                   "(digits: a few minutes; fashion-mnist: about half an hour on 2 cores).")
+    p.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"],
+                   help="which bundled run to rebuild (default %(default)s)")
+    p.add_argument("--out", help="where to write the run (default: the bundled assets of --data)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
+    _options(p, "data_root", "download")
     p.set_defaults(func=cmd_demo)
 
 

@@ -1,4 +1,4 @@
-"""Datasets for search, retraining and the app: bundled digits, ImageFolder, CIFAR, synthetic.
+"""Datasets for search, retraining and the app: bundled digits, Fashion-MNIST, ImageFolder, CIFAR, synthetic.
 
 Every dataset yields ``(image, label)`` with ``image`` a normalised float32 (C, H, W) tensor.
 Training augmentation never touches the global random generators: each sample draws its
@@ -28,7 +28,8 @@ from torch.utils.data import Dataset
 
 from .errors import DataError
 
-SPEC_FORMS = "digits, synthetic, synthetic:N, imagefolder:PATH, cifar10:PATH, cifar100:PATH"
+SPEC_FORMS = ("digits, synthetic, synthetic:N, fashion-mnist, fashion-mnist:PATH, imagefolder:PATH, cifar10:PATH, "
+              "cifar100:PATH")
 
 DIGITS_NATIVE = 8  # scikit-learn digits are 8x8 block counts in 0..16
 DIGITS_TEST_FRACTION = 0.2
@@ -65,11 +66,11 @@ def _generator(seed: int) -> torch.Generator:
 
 @dataclass
 class DatasetBundle:
-    """A train/test pair plus what a model and the app need to know about it.
+    """A train/test pair (and maybe a validation split) plus what a model and the app need to know.
 
     Args:
         train: training split; has ``set_epoch(epoch)`` for reproducible augmentation.
-        test: held-out split (never augmented).
+        test: held-out split (never augmented): the numbers to publish.
         num_classes: number of labels.
         class_names: a readable name per label index.
         name: short dataset name ("digits", "synthetic", "cifar10", folder name...).
@@ -77,6 +78,8 @@ class DatasetBundle:
         input_size: (C, H, W) of every image tensor.
         mean: per-channel normalisation mean.
         std: per-channel normalisation std.
+        val: a validation split carved from the training data for model selection (per-epoch
+            evaluation), or None where the dataset has none (then ``test`` is used).
     """
 
     train: Dataset
@@ -88,6 +91,12 @@ class DatasetBundle:
     input_size: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    val: Dataset | None = None
+
+    @property
+    def selection(self) -> tuple[Dataset, str]:
+        """The split to evaluate on during training and its name: ``val`` when there is one, else ``test``."""
+        return (self.val, "val") if self.val is not None else (self.test, "test")
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draws of ``epoch`` for the training split."""
@@ -456,12 +465,15 @@ def _first_line(err: BaseException) -> str:
 
 def load_data(spec: str, *, img_size: int | tuple[int, int], in_chans: int,
               mean: float | Sequence[float], std: float | Sequence[float], interpolation: str = "bicubic",
-              crop_pct: float = 0.875, augment: bool = True, seed: int = 0, download: bool = False) -> DatasetBundle:
+              crop_pct: float = 0.875, augment: bool = True, seed: int = 0, data_root: str | Path = "data",
+              download: bool = False) -> DatasetBundle:
     """Load a train/test pair by spec, preprocessed for a model.
 
     Args:
-        spec: ``digits``, ``synthetic``, ``synthetic:N`` (N images per split), ``imagefolder:PATH``
-            (PATH/train and PATH/val in ImageNet layout), ``cifar10:PATH`` or ``cifar100:PATH``.
+        spec: ``digits``, ``synthetic``, ``synthetic:N`` (N images per split), ``fashion-mnist``
+            (found in Debian's folder or under ``data_root``), ``fashion-mnist:PATH`` (a folder with
+            the four IDX files, or a torchvision root), ``imagefolder:PATH`` (PATH/train and PATH/val
+            in ImageNet layout), ``cifar10:PATH`` or ``cifar100:PATH``.
         img_size: output side or (H, W).
         in_chans: output channels (gray images are repeated, colour images made gray for 1).
         mean: per-channel normalisation mean (one value is broadcast).
@@ -470,8 +482,9 @@ def load_data(spec: str, *, img_size: int | tuple[int, int], in_chans: int,
         crop_pct: centre-crop fraction of the eval transform for ImageFolder/CIFAR.
         augment: random training augmentation (the test split is never augmented).
         seed: augmentation/data seed; with ``set_epoch`` it fixes every augmented image.
-        download: torchvision sets may be downloaded into a missing PATH (False, the default: a missing
-            data set is an error and nothing is created).
+        data_root: torchvision's root folder for ``fashion-mnist`` without a path.
+        download: torchvision sets (CIFAR, ``fashion-mnist`` into ``data_root``) may be downloaded when they
+            are not on disk (False, the default: a missing data set is an error and nothing is created).
 
     Returns:
         The bundle; ``bundle.train.set_epoch(e)`` selects epoch ``e``'s augmentation.
@@ -502,6 +515,9 @@ def load_data(spec: str, *, img_size: int | tuple[int, int], in_chans: int,
             if n > MAX_SYNTHETIC:
                 raise DataError(f"synthetic:N takes at most {MAX_SYNTHETIC:,} images, got {n:,}")
         return _load_synthetic(n, hw, in_chans, mean_t, std_t, augment, seed, spec)
+    if kind == "fashion-mnist":
+        from .fashion import load_bundle
+        return load_bundle(arg or None, hw, in_chans, mean_t, std_t, augment, seed, spec, data_root, download)
     if kind in ("imagefolder", "cifar10", "cifar100"):
         if not arg:
             raise DataError(f"{kind} needs a folder: {kind}:PATH")
@@ -519,7 +535,8 @@ def load_data(spec: str, *, img_size: int | tuple[int, int], in_chans: int,
 
 
 def load_for(data_cfg: dict, name: str | None = None, *, input_size: Sequence[int] | None = None,
-             augment: bool = False, seed: int = 0, download: bool = False) -> DatasetBundle:
+             augment: bool = False, seed: int = 0, data_root: str | Path = "data",
+             download: bool = False) -> DatasetBundle:
     """Load a dataset preprocessed as a model's data config says (``data_config(model)`` or a run's
     ``scores.meta["data"]``: input_size, mean, std, interpolation, crop_pct, name).
 
@@ -529,6 +546,7 @@ def load_for(data_cfg: dict, name: str | None = None, *, input_size: Sequence[in
         input_size: (C, H, W) to use when the config has none.
         augment: training augmentation.
         seed: augmentation seed.
+        data_root: torchvision's root folder (``fashion-mnist`` without a path).
         download: whether a torchvision set may be downloaded (and its folder created); only ever
             when the user asked for it (``--download``).
     """
@@ -541,7 +559,7 @@ def load_for(data_cfg: dict, name: str | None = None, *, input_size: Sequence[in
     return load_data(spec, img_size=tuple(int(v) for v in inp[1:]), in_chans=int(inp[0]),
                      mean=data_cfg.get("mean", 0.5), std=data_cfg.get("std", 0.5),
                      interpolation=data_cfg.get("interpolation", "bicubic"), crop_pct=data_cfg.get("crop_pct", 0.875),
-                     augment=augment, seed=seed, download=download)
+                     augment=augment, seed=seed, data_root=data_root, download=download)
 
 
 def _is_num(v: Any) -> bool:
@@ -737,6 +755,35 @@ def _digits_image(gray: Image.Image, hw: tuple[int, int]) -> torch.Tensor:
     return upscale_digits(x[None, None], hw)[0]
 
 
+def _fashion_image(gray: Image.Image, hw: tuple[int, int]) -> torch.Tensor:
+    """A gray photo of a garment -> (1, H, W) in [0, 1], shaped like Fashion-MNIST: light on black
+    (inverted when the border is light), the whole picture fitted into the frame with its aspect kept."""
+    arr = np.asarray(gray, dtype=np.float32) / 255.0
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    if border.mean() > 0.5:
+        arr = 1.0 - arr
+    rows, cols = arr.shape
+    h, w = hw
+    scale = min(h / rows, w / cols)
+    size = (max(1, min(w, round(cols * scale))), max(1, min(h, round(rows * scale))))  # PIL: (width, height)
+    pic = Image.fromarray(arr, mode="F")
+    if size != pic.size:
+        pic = pic.resize(size, Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR)
+    frame = np.zeros((h, w), dtype=np.float32)
+    top, left = (h - size[1]) // 2, (w - size[0]) // 2
+    frame[top:top + size[1], left:left + size[0]] = np.asarray(pic, dtype=np.float32)
+    return torch.from_numpy(frame).clamp_(0.0, 1.0)[None]
+
+
+def is_fashion_config(data_cfg: dict) -> bool:
+    """Whether a data config is Fashion-MNIST's (one channel with its training statistics)."""
+    from .fashion import MEAN, STD
+
+    mean, std = tuple(data_cfg.get("mean", ())), tuple(data_cfg.get("std", ()))
+    return (len(mean) == 1 and len(std) == 1 and abs(mean[0] - MEAN[0]) < 1e-6
+            and abs(std[0] - STD[0]) < 1e-6)
+
+
 def image_to_tensor(img: Image.Image, data_cfg: dict, *, dataset: str | None = None) -> torch.Tensor:
     """Preprocess one user image like the evaluation transform of the model's data.
 
@@ -745,8 +792,10 @@ def image_to_tensor(img: Image.Image, data_cfg: dict, *, dataset: str | None = N
         data_cfg: ``input_size`` (C, H, W), ``mean``, ``std``, ``interpolation``, ``crop_pct``
             (as from ``vitslim_core.models.data_config``).
         dataset: the training dataset's name; ``"digits"`` selects the digits preprocessing (gray,
-            inverted if dark-on-light, ink box fitted to the frame). ``None`` recognises the digits
-            demo model by its normalisation statistics.
+            inverted if dark-on-light, ink box fitted to the frame), ``"fashion-mnist[:PATH]"`` the
+            Fashion-MNIST one (gray, inverted if the border is light, the picture fitted to the frame
+            with its aspect kept: a 28x28 test image stays as it is). ``None`` recognises either
+            model by its normalisation statistics.
 
     Returns:
         A (1, C, H, W) float32 tensor.
@@ -768,6 +817,8 @@ def image_to_tensor(img: Image.Image, data_cfg: dict, *, dataset: str | None = N
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"data config needs input_size (C, H, W), mean and std: {_first_line(err)}") from None
     digits = dataset == "digits" if dataset is not None else is_digits_config(data_cfg)
+    clothes = (dataset.partition(":")[0].strip().lower() == "fashion-mnist" if dataset is not None
+               else is_fashion_config(data_cfg))
     long, short = max(img.size), min(img.size)
     if not digits and long > MAX_ASPECT * short:
         # the resize to the model's side keeps the aspect ratio: 200000 x 1 would become 224 x 44.8 M
@@ -775,6 +826,8 @@ def image_to_tensor(img: Image.Image, data_cfg: dict, *, dataset: str | None = N
                         f"{MAX_ASPECT}x, too elongated to resize for a {w}x{h} model input")
     if digits:
         x = _digits_image(to_standard_mode(img, gray=True), (h, w))
+    elif clothes:
+        x = _fashion_image(to_standard_mode(img, gray=True), (h, w))
     else:
         from timm.data import create_transform
 

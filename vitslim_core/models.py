@@ -1,4 +1,5 @@
-"""Building models: timm names, hub weights, local checkpoints and the bundled digits demo ViT.
+"""Building models: timm names, hub weights, local checkpoints and the two small ViTs built here
+(``digits-vit`` for the bundled digits demo, ``fashion-vit`` for the Fashion-MNIST run).
 
 ``build_model`` returns the model and a JSON-able recipe; ``rebuild_model(recipe)`` makes the same
 architecture again (random init, no download), which is how saved runs record their model.
@@ -20,11 +21,14 @@ import torch.nn as nn
 
 from .data import DIGITS_MEAN, DIGITS_STD
 from .errors import VitSlimError
+from .fashion import MEAN as FASHION_MEAN, STD as FASHION_STD
 
 if TYPE_CHECKING:
     from .spec import ArchSpec
 
 DEMO_MODEL = "digits-vit"
+FASHION_MODEL = "fashion-vit"
+LOCAL_MODELS = (DEMO_MODEL, FASHION_MODEL)  # built here from an architecture dict, not by timm
 
 # The demo: a small ViT for scikit-learn's 8x8 digits upscaled to 16x16 (8x8 grid of 2x2 patches,
 # so token masks have 64 positions to choose from, and 6 blocks for the FLOPs solver to balance).
@@ -50,6 +54,49 @@ _DEMO_CFG: dict[str, Any] = dict(
     first_conv="patch_embed.proj", classifier="head",
 )
 
+# Fashion-MNIST at its native 28x28: a 7x7 grid of 4x4 patches (49 token positions), 4 heads of
+# 16 dims and a 2x MLP in 6 blocks; sized so that a from-scratch run fits 15 minutes of 2 CPU cores.
+FASHION_ARCH: dict[str, Any] = dict(
+    img_size=28, patch_size=4, in_chans=1, num_classes=10,
+    embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0, qkv_bias=True,
+)
+
+# From-scratch recipe for fashion-vit (see FASHION_ARCH): AdamW, 1 warmup epoch then cosine to 0 (per
+# step), label smoothing, gradient clipping, no augmentation. Measured (seed 0, 10 epochs, val/test top-1):
+# this recipe 89.2/89.3; horizontal flip 89.1/88.8; random crop (2 px padding) + flip at lr 1e-3
+# 86.7/86.8 (no augmentation at lr 1e-3: 88.8/88.8). In ten epochs the model underfits (train 93%),
+# so augmentation only slows it down. Batch 64 costs no more per epoch than 128 on 2 CPU cores.
+FASHION_TRAIN: dict[str, Any] = dict(
+    epochs=10, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=1, schedule="cosine",
+    label_smoothing=0.1, clip_grad=1.0, drop_path_rate=0.0, augment=False,
+)
+
+_FASHION_CFG: dict[str, Any] = dict(
+    architecture=FASHION_MODEL, input_size=(1, 28, 28), interpolation="bilinear", crop_pct=1.0,
+    crop_mode="center", mean=FASHION_MEAN, std=FASHION_STD, num_classes=10,
+    first_conv="patch_embed.proj", classifier="head",
+)
+
+
+def local_arch(name: str) -> dict[str, Any]:
+    """The architecture dict of a model built here (``digits-vit`` or ``fashion-vit``), as a copy."""
+    if name == DEMO_MODEL:
+        return dict(DEMO_ARCH)
+    if name == FASHION_MODEL:
+        return dict(FASHION_ARCH)
+    raise VitSlimError(f"{name!r} is not one of the models built here ({', '.join(LOCAL_MODELS)})")
+
+
+def local_recipe(name: str) -> dict[str, Any]:
+    """The from-scratch training recipe of a model built here, as a copy."""
+    local_arch(name)  # the name check
+    return dict(DEMO_TRAIN if name == DEMO_MODEL else FASHION_TRAIN)
+
+
+def _local_cfg(name: str) -> dict[str, Any]:
+    local_arch(name)
+    return dict(_DEMO_CFG if name == DEMO_MODEL else _FASHION_CFG)
+
 
 # ----------------------------------------------------------------------------- public API
 
@@ -60,7 +107,8 @@ def build_model(name: str, *, pretrained: bool = False, checkpoint: str | Path |
     """Create a timm model (or the digits demo), optionally with weights.
 
     Args:
-        name: a timm model name (``deit_small_patch16_224``, tags allowed) or ``DEMO_MODEL``.
+        name: a timm model name (``deit_small_patch16_224``, tags allowed), ``DEMO_MODEL``
+            (``digits-vit``) or ``FASHION_MODEL`` (``fashion-vit``).
         pretrained: download timm's pretrained weights (hub); offline this fails with a hint.
         checkpoint: a local ``.safetensors``/``.pth``/``.pt``/``.bin`` state dict to load instead
             (takes precedence over ``pretrained``).
@@ -82,7 +130,7 @@ def build_model(name: str, *, pretrained: bool = False, checkpoint: str | Path |
     if not isinstance(name, str) or not name.strip():
         raise VitSlimError(f"model name must be a non-empty string, got {name!r}")
     name = name.strip()
-    if name != DEMO_MODEL:
+    if name not in LOCAL_MODELS:
         _check_timm_name(name)
     for key, value, low in (("num_classes", num_classes, 0), ("in_chans", in_chans, 1)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
@@ -97,10 +145,10 @@ def build_model(name: str, *, pretrained: bool = False, checkpoint: str | Path |
         path = _check_checkpoint_path(checkpoint)
         shapes = _checkpoint_shapes(path)
         arch = _fill_from_checkpoint(name, arch, shapes)
-        model = _load_demo(path, arch) if name == DEMO_MODEL else _load_timm(name, path, arch, shapes)
+        model = _load_local(name, path, arch) if name in LOCAL_MODELS else _load_timm(name, path, arch, shapes)
     elif pretrained:
-        if name == DEMO_MODEL:
-            raise VitSlimError(f"{DEMO_MODEL} has no downloadable weights; train it or pass --checkpoint FILE")
+        if name in LOCAL_MODELS:
+            raise VitSlimError(f"{name} has no downloadable weights; train it or pass --checkpoint FILE")
         model = _create_timm(name, arch, pretrained=True)
     else:
         model = _construct(name, arch)
@@ -165,9 +213,9 @@ def make_recipe(name: str, model: nn.Module, kwargs: dict[str, Any] | None = Non
     proj = getattr(pe, "proj", None)
     if isinstance(proj, nn.Conv2d):
         kw["in_chans"] = int(proj.in_channels)
-    if name == DEMO_MODEL:
-        # the demo's whole architecture goes in the recipe, so old runs survive new defaults
-        kw = {**DEMO_ARCH, **kw}
+    if name in LOCAL_MODELS:
+        # the whole architecture goes in the recipe, so old runs survive new defaults
+        kw = {**local_arch(name), **kw}
         kw["patch_size"] = _jsonable_size(kw["patch_size"])
     _check_jsonable(kw)
     from .spec import recipe_kwargs_problem
@@ -213,20 +261,20 @@ def is_demo_model(model: nn.Module) -> bool:
 # ----------------------------------------------------------------------------- construction
 
 
-def _build_demo(**kwargs: Any) -> nn.Module:
+def _build_local(name: str, **kwargs: Any) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
-    kw = {**DEMO_ARCH, **kwargs}
+    kw = {**local_arch(name), **kwargs}
     try:
         model = VisionTransformer(**kw)
     except TypeError as err:
-        raise VitSlimError(f"{DEMO_MODEL} does not accept these arguments: {_first_line(err)}") from None
+        raise VitSlimError(f"{name} does not accept these arguments: {_first_line(err)}") from None
     except (ValueError, AssertionError, RuntimeError) as err:  # e.g. embed_dim not divisible by heads
-        raise VitSlimError(f"cannot build {DEMO_MODEL}: {_first_line(err)}") from None
+        raise VitSlimError(f"cannot build {name}: {_first_line(err)}") from None
     _init_sincos_positions(model)
-    cfg = dict(_DEMO_CFG)
+    cfg = _local_cfg(name)
     cfg["num_classes"] = model.num_classes
-    # timm sets pretrained_cfg on every model it builds; data_config() reads the digits stats here
+    # timm sets pretrained_cfg on every model it builds; data_config() reads the data's stats here
     model.pretrained_cfg = cfg
     return model
 
@@ -265,7 +313,7 @@ def _create_timm(name: str, arch: dict[str, Any], **extra: Any) -> nn.Module:
 
 
 def _construct(name: str, arch: dict[str, Any]) -> nn.Module:
-    return _build_demo(**arch) if name == DEMO_MODEL else _create_timm(name, arch)
+    return _build_local(name, **arch) if name in LOCAL_MODELS else _create_timm(name, arch)
 
 
 def _check_timm_name(name: str) -> None:
@@ -275,7 +323,7 @@ def _check_timm_name(name: str) -> None:
     base, _ = split_model_name_tag(name)
     if timm.is_model(base):
         return
-    choices = [*timm.list_models(), DEMO_MODEL]
+    choices = [*timm.list_models(), *LOCAL_MODELS]
     close = difflib.get_close_matches(base, choices, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('*vit*')"
     raise VitSlimError(f"unknown model {name!r}{hint}")
@@ -338,8 +386,8 @@ def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _model_cfg(name: str) -> dict[str, Any]:
-    if name == DEMO_MODEL:
-        return dict(_DEMO_CFG)
+    if name in LOCAL_MODELS:
+        return _local_cfg(name)
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(name)
@@ -378,8 +426,8 @@ def _fill_from_checkpoint(name: str, arch: dict[str, Any], shapes: dict[str, tup
     return arch
 
 
-def _load_demo(path: Path, arch: dict[str, Any]) -> nn.Module:
-    model = _build_demo(**arch)
+def _load_local(name: str, path: Path, arch: dict[str, Any]) -> nn.Module:
+    model = _build_local(name, **arch)
     state = _read_state_dict(path)
     own = model.state_dict()
     head_rows, own_rows = state.get("head.weight"), own.get("head.weight")
@@ -390,7 +438,7 @@ def _load_demo(path: Path, arch: dict[str, Any]) -> nn.Module:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise VitSlimError(f"checkpoint {path} does not fit {DEMO_MODEL}: {_load_problem(err)}") from None
+        raise VitSlimError(f"checkpoint {path} does not fit {name}: {_load_problem(err)}") from None
     return model
 
 

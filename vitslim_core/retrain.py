@@ -36,6 +36,8 @@ class RetrainConfig(LoopConfig):
     token: float | None = None
     multiple: int | None = None
     data: str | None = None
+    data_root: str = "data"
+    download: bool = False
     distill: str = "soft"  # none | soft | hard
     distill_tau: float = 1.0
     distill_alpha: float = 0.5
@@ -44,7 +46,6 @@ class RetrainConfig(LoopConfig):
     label_smoothing: float = 0.1
     drop_path: float = 0.0
     augment: bool = True
-    download: bool = False
     epochs: int = 5
     lr: float = 2e-4
 
@@ -119,7 +120,7 @@ def retrain(cfg: RetrainConfig | None = None, *, resume: bool = False,
         dmeta = dict(scores.meta.get("data") or {})
         model.slim_data = dmeta
         bundle = load_for(dmeta, cfg.data, input_size=(scores.spec.in_chans, *scores.spec.img_size),
-                          augment=cfg.augment, seed=cfg.seed, download=cfg.download)
+                          augment=cfg.augment, seed=cfg.seed, data_root=cfg.data_root, download=cfg.download)
         data_name = bundle.spec
         if bundle.num_classes != scores.spec.num_classes:
             raise VitSlimError(f"dataset {data_name} has {bundle.num_classes} classes, the model "
@@ -153,9 +154,10 @@ def retrain(cfg: RetrainConfig | None = None, *, resume: bool = False,
                                                      "plan": plan.summary(), "versions": versions()})
 
         groups = param_groups(model, cfg.weight_decay, cfg.lr, None)
-        history = run_loop(model, step_fn, bundle.train, bundle.test, cfg, out, groups, di, resume=resume,
+        eval_set, eval_split = bundle.selection  # best/ is chosen on val where the data has one
+        history = run_loop(model, step_fn, bundle.train, eval_set, cfg, out, groups, di, resume=resume,
                            on_log=on_log, on_checkpoint=on_checkpoint if di.master else None,
-                           should_stop=should_stop, desc="retrain")
+                           should_stop=should_stop, desc="retrain", eval_split=eval_split)
         if di.master:
             on_checkpoint(history)
         return RetrainResult(out, plan, best["top1"] if best["top1"] >= 0 else None, history)

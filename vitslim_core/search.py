@@ -40,6 +40,8 @@ class SearchConfig(LoopConfig):
 
     model: str = "digits-vit"
     data: str = "digits"
+    data_root: str = "data"
+    download: bool = False
     out: str = "runs/search"
     pretrained: bool = False
     checkpoint: str | None = None
@@ -61,7 +63,6 @@ class SearchConfig(LoopConfig):
     cutmix: float = 0.0
     label_smoothing: float = 0.0
     augment: bool = True
-    download: bool = False
     epochs: int = 10
     lr: float = 1e-4
 
@@ -107,7 +108,8 @@ def prepare(cfg: SearchConfig):
     model, recipe = build_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
                                 num_classes=n_cls, img_size=cfg.img_size, **kw)
     dcfg = data_config(model)
-    bundle = load_for(dcfg, cfg.data, augment=cfg.augment, seed=cfg.seed, download=cfg.download)
+    bundle = load_for(dcfg, cfg.data, augment=cfg.augment, seed=cfg.seed, data_root=cfg.data_root,
+                      download=cfg.download)
     data_meta = {"name": cfg.data, "class_names": list(bundle.class_names), "num_classes": bundle.num_classes,
                  **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dcfg.items()}}
     return model, recipe, bundle, data_meta
@@ -117,7 +119,7 @@ def num_classes_of(data: str) -> int:
     """Classes of a dataset spec without loading it (the model head must be built first)."""
     from .errors import DataError
     kind, _, path = data.partition(":")
-    fixed = {"digits": 10, "synthetic": 10, "cifar10": 10, "cifar100": 100}
+    fixed = {"digits": 10, "synthetic": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
     if kind == "imagefolder":
         train = Path(path) / "train"
         if not train.is_dir() or not (Path(path) / "val").is_dir():
@@ -128,7 +130,8 @@ def num_classes_of(data: str) -> int:
         return n
     if kind in fixed:
         return fixed[kind]
-    raise DataError(f"unknown dataset {data!r}: use digits, synthetic[:N], imagefolder:PATH, cifar10:PATH or cifar100:PATH")
+    raise DataError(f"unknown dataset {data!r}: use digits, synthetic[:N], fashion-mnist[:PATH], imagefolder:PATH, "
+                    f"cifar10:PATH or cifar100:PATH")
 
 
 def search(cfg: SearchConfig | None = None, *, resume: bool = False,
@@ -179,8 +182,10 @@ def search(cfg: SearchConfig | None = None, *, resume: bool = False,
         def write_run(history: dict) -> None:
             write_run_folder(run_dir, model, meta, history)
 
-        history = run_loop(model, step_fn, bundle.train, bundle.test, cfg, run_dir, groups, di, resume=resume,
-                           on_log=on_log, on_checkpoint=write_run, should_stop=should_stop, desc="search")
+        eval_set, eval_split = bundle.selection  # per-epoch numbers on val where the data has one
+        history = run_loop(model, step_fn, bundle.train, eval_set, cfg, run_dir, groups, di, resume=resume,
+                           on_log=on_log, on_checkpoint=write_run, should_stop=should_stop, desc="search",
+                           eval_split=eval_split)
         history["config"] = meta["search"]
         if di.master:
             write_run(history)

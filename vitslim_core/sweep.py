@@ -16,9 +16,12 @@ DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def sweep(run: str | Path, budgets: Sequence[float] = DEFAULT_BUDGETS, data: str | None = None,
-          batch_size: int = 128, device: str = "cpu", multiple: int | None = None, download: bool = False,
-          progress: Callable[[int, int, dict], None] | None = None) -> list[dict[str, Any]]:
+          batch_size: int = 128, device: str = "cpu", multiple: int | None = None,
+          progress: Callable[[int, int, dict], None] | None = None, data_root: str | Path = "data",
+          download: bool = False) -> list[dict[str, Any]]:
     """Evaluate the physically slimmed model of a run at each FLOPs budget (no retraining).
+
+    Always on the test split (the numbers to publish), never on a validation split.
 
     Returns rows with target, flops_ratio, gflops, params, top1, top5, loss.
     """
@@ -27,7 +30,8 @@ def sweep(run: str | Path, budgets: Sequence[float] = DEFAULT_BUDGETS, data: str
     from .slim import slim_model
 
     scores, model = load_run(run)
-    bundle = load_for(scores.meta.get("data") or {}, data, input_size=(scores.spec.in_chans, *scores.spec.img_size),
+    bundle = load_for(scores.meta.get("data") or {}, data,
+                      input_size=(scores.spec.in_chans, *scores.spec.img_size), data_root=data_root,
                       download=download)
     rows = []
     for i, b in enumerate(sorted(set(float(x) for x in budgets))):

@@ -309,7 +309,8 @@ class Stopped(Exception):
 def run_loop(model: nn.Module, step_fn: StepFn, train_set: Dataset, test_set: Dataset | None,
              cfg: LoopConfig, run_dir: Path, groups: list[dict], di: DistInfo, *, resume: bool = False,
              on_log: Callable[[dict], None] | None = None, on_checkpoint: Callable[[dict], None] | None = None,
-             should_stop: Callable[[], bool] | None = None, desc: str = "train") -> dict[str, Any]:
+             should_stop: Callable[[], bool] | None = None, desc: str = "train",
+             eval_split: str = "test") -> dict[str, Any]:
     """Train ``model`` (already on ``di.device``) with AdamW and the cosine schedule.
 
     Args:
@@ -319,6 +320,7 @@ def run_loop(model: nn.Module, step_fn: StepFn, train_set: Dataset, test_set: Da
         on_log: called on the master with every history record (the app draws live curves).
         on_checkpoint: called on the master after each checkpoint with the history.
         should_stop: polled every step; True stops cleanly after saving a checkpoint.
+        eval_split: what ``test_set`` is ("test" or "val"), recorded in every evaluation record.
 
     Returns:
         The history dict: ``log`` (per log_every steps), ``eval`` (per epoch), ``complete``.
@@ -424,7 +426,7 @@ def run_loop(model: nn.Module, step_fn: StepFn, train_set: Dataset, test_set: Da
                 bar.update(1)
                 if (step % spe == 0 or step == total) and test_set is not None:
                     ev = evaluate(raw, test_set, cfg.eval_batch_size, di.device, cfg.num_workers, di)
-                    ev.update(step=step, epoch=step // spe)
+                    ev.update(step=step, epoch=step // spe, split=eval_split)
                     history["eval"].append(ev)
                     if on_log is not None and di.master:
                         on_log({"eval": ev, "step": step})
