@@ -377,19 +377,9 @@ def _loop_config(cfg: FidelityConfig, steps: int, n_train: int, seed: int, **kw:
 def retrain_model(model: nn.Module, teacher: nn.Module | None, train_set, cfg: FidelityConfig, seed: int,
                   work: Path) -> dict[str, Any]:
     """The retraining every method gets: same steps, lr, schedule, batch, loss and distillation."""
-    from vitslim_core.train import distill_loss, task_loss
+    from vitslim_core.train import supervised_step
     loop = _loop_config(cfg, cfg.retrain_steps, len(train_set), seed)
-
-    def step_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        task, logits, x_in, logs = task_loss(m, x, y, None, cfg.label_smoothing)
-        loss = task
-        if teacher is not None:
-            with torch.no_grad():
-                t_logits = teacher(x_in)
-            loss = (1 - cfg.distill_alpha) * task + cfg.distill_alpha * distill_loss(logits, t_logits,
-                                                                                     cfg.distill_tau)
-        return loss, logs
-
+    step_fn = supervised_step(teacher, None, cfg.label_smoothing, cfg.distill_tau, cfg.distill_alpha)
     return _train(model, step_fn, train_set, loop, work, seed)
 
 

@@ -30,6 +30,7 @@ a FLOPs ratio: the "just train a smaller dense model" baseline.
 """
 from __future__ import annotations
 
+import abc
 import copy
 import dataclasses
 import math
@@ -101,7 +102,7 @@ def _need_batches(batches: Iterable[Batch], who: str) -> list[Batch]:
 
 
 # ====================================================================== scorers
-class Scorer:
+class Scorer(abc.ABC):
     """Turns a model (and calibration batches) into importances shaped like a run's scores.
 
     Attributes:
@@ -112,6 +113,7 @@ class Scorer:
     name: str = "scorer"
     tokens: str = ""
 
+    @abc.abstractmethod
     def score(self, model: nn.Module, like: MaskScores, batches: Iterable[Batch] = ()) -> MaskScores:
         """Importance of every unit of ``model`` as a ``MaskScores`` with the shapes of ``like``.
 
@@ -120,7 +122,6 @@ class Scorer:
             like: scores of the run (architecture and metadata are copied; values are not used).
             batches: calibration batches of training data, for the scorers that read data.
         """
-        raise NotImplementedError
 
     def __call__(self, model: nn.Module, like: MaskScores, batches: Iterable[Batch] = ()) -> MaskScores:
         return self.score(model, like, batches)

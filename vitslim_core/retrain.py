@@ -19,8 +19,8 @@ from .errors import VitSlimError
 from .io import atomic_write_json, prepare_out_dir, refuse_overlap
 from .masks import remove_masks
 from .plan import SlimPlan, plan_for_flops, plan_for_ratios
-from .train import (LoopConfig, cleanup_distributed, distill_loss, make_mixup, param_groups, run_loop,
-                    setup_distributed, task_loss)
+from .train import (LoopConfig, cleanup_distributed, make_mixup, param_groups, run_loop, setup_distributed,
+                    supervised_step)
 
 
 @dataclass
@@ -198,17 +198,5 @@ def _best_step(out: Path) -> int | None:
 
 
 def _retrain_step(cfg: RetrainConfig, teacher: nn.Module | None, num_classes: int):
-    mixup = make_mixup(cfg.mixup, cfg.cutmix, cfg.label_smoothing, num_classes)
-
-    def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        task, logits, x_in, logs = task_loss(model, x, y, mixup, cfg.label_smoothing)
-        loss = task
-        if teacher is not None:
-            with torch.no_grad():
-                t_logits = teacher(x_in)
-            kd = distill_loss(logits, t_logits, cfg.distill_tau, hard=cfg.distill == "hard")
-            loss = (1 - cfg.distill_alpha) * task + cfg.distill_alpha * kd
-            logs["distill"] = float(kd.detach())
-        logs["task_loss"] = float(task.detach())
-        return loss, logs
-    return step_fn
+    return supervised_step(teacher, make_mixup(cfg.mixup, cfg.cutmix, cfg.label_smoothing, num_classes),
+                           cfg.label_smoothing, cfg.distill_tau, cfg.distill_alpha, hard=cfg.distill == "hard")

@@ -478,6 +478,24 @@ def task_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mixup, label_s
     return F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits, x, {"acc": acc}
 
 
+def supervised_step(teacher: nn.Module | None = None, mixup=None, label_smoothing: float = 0.0,
+                    distill_tau: float = 1.0, distill_alpha: float = 0.5, hard: bool = False) -> "StepFn":
+    """The step of every supervised (re)training: cross-entropy (mixed by ``mixup``), optionally blended
+    with distillation from ``teacher`` (soft at ``distill_tau``, or ``hard`` argmax targets)."""
+    def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        task, logits, x_in, logs = task_loss(model, x, y, mixup, label_smoothing)
+        loss = task
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(x_in)
+            kd = distill_loss(logits, t_logits, distill_tau, hard=hard)
+            loss = (1 - distill_alpha) * task + distill_alpha * kd
+            logs["distill"] = float(kd.detach())
+        logs["task_loss"] = float(task.detach())
+        return loss, logs
+    return step_fn
+
+
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0,
                  hard: bool = False) -> torch.Tensor:
     """Soft (KL at temperature tau) or hard (cross-entropy on the teacher's argmax) distillation."""
