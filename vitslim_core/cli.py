@@ -599,8 +599,7 @@ class _Warnings:
         self._ctx = warnings.catch_warnings()
 
     def __enter__(self) -> "_Warnings":
-        self._ctx.__enter__()
-        warnings.simplefilter("default")
+        self._ctx.__enter__()  # Python's own filters stay (ResourceWarning, DeprecationWarning are not shown)
         warnings.showwarning = self._show  # type: ignore[assignment]
         return self
 
