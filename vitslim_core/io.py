@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
+import glob
 import json
 import os
 import shutil
@@ -82,7 +84,7 @@ def atomic_dir(path: str | os.PathLike, replaceable: frozenset[str] | None = Non
                                "choose a new or empty folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f"{glob_escape(_temp_prefix(path.name))}*.tmp"):  # a killed earlier write
+        for stale in path.parent.glob(f"{glob.escape(_temp_prefix(path.name))}*.tmp"):  # a killed earlier write
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent))
@@ -115,11 +117,6 @@ def _switch_dir(new: Path, path: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def glob_escape(text: str) -> str:
-    import glob
-    return glob.escape(text)
-
-
 _RENAME_EXCHANGE = 2
 
 
@@ -138,6 +135,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
     try:
         return ctypes.CDLL(None, use_errno=True)
