@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vitslim_core import (BudgetError, BudgetWarning, MaskScores, ScoreFileError, SlimPlan, VitSlimError, arch_spec,
-                          count_cost, plan_for_flops, plan_for_ratios, removal_order)
+                          count_cost, official_token_fraction, plan_for_flops, plan_for_ratios, removal_order)
 
 MODES = ("head_dim", "head", "uniform")
 TARGETS = [round(0.3 + 0.05 * i, 2) for i in range(14)]  # 0.30 .. 0.95
@@ -192,6 +192,21 @@ def test_ratio_plans_use_one_global_threshold(deit_s_scores):
     assert e[p.token & others].min() >= e[~p.token].max()
     # layers differ: a global threshold does not keep the same fraction in every layer
     assert len(set(p.mlp.sum(1).tolist())) > 1
+
+
+def test_official_token_fraction_reproduces_threshold_then_or(deit_s_scores):
+    sc = deit_s_scores()
+    raw = np.abs(sc.token_values())
+    for keep in (0.2, 0.5, 0.8):
+        t = np.sort(raw.ravel())[::-1][int(round(keep * raw.size)) - 1]
+        official = np.logical_or.accumulate((raw >= t)[::-1], axis=0)[::-1]  # threshold, then OR from the back
+        frac = official_token_fraction(sc, keep)
+        assert frac >= keep and frac == pytest.approx(official.mean())
+        p = plan_for_ratios(sc, token=frac)
+        assert p.token.sum() == official.sum()  # the same count; the same pairs up to ties and the patch kept
+        assert (p.token == official).mean() > 0.99  # everywhere so that no layer is empty
+    with pytest.raises(BudgetError):
+        official_token_fraction(sc, 0.0)
 
 
 def test_ratio_plans_with_multiple(deit_s_scores):

@@ -3,7 +3,8 @@ from .cost import Cost, count_cost
 from .errors import (BudgetError, DataError, PlanMismatchError, ScoreFileError, UnsupportedModelError,
                      VitSlimError)
 from .masks import add_masks, get_masks, remove_masks
-from .plan import BudgetWarning, SlimPlan, default_multiple, plan_for_flops, plan_for_ratios, removal_order
+from .plan import (BudgetWarning, SlimPlan, default_multiple, official_token_fraction, plan_for_flops,
+                   plan_for_ratios, removal_order)
 from .scores import MaskScores
 # functions named like their modules are bound eagerly, so the name means the function
 from .retrain import RetrainConfig, retrain
@@ -28,7 +29,7 @@ def __getattr__(name: str):
 __all__ = [
     "ArchSpec", "BudgetError", "BudgetWarning", "Cost", "DataError", "MaskScores", "PlanMismatchError",
     "ScoreFileError", "SlimPlan", "UnsupportedModelError", "VitSlimError", "add_masks", "arch_spec",
-    "count_cost", "get_masks", "plan_for_flops", "plan_for_ratios", "remove_masks", "removal_order",
+    "count_cost", "get_masks", "official_token_fraction", "plan_for_flops", "plan_for_ratios", "remove_masks", "removal_order",
     "default_multiple", "slim_model", "apply_hard_masks", "save_slim", "load_slim", "export_program", "export_onnx",
     "search", "SearchConfig", "load_run", "run_status", "retrain", "RetrainConfig", "evaluate", "measure_latency", "sweep",
 ]

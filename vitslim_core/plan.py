@@ -484,3 +484,19 @@ def plan_for_flops(scores: MaskScores, ratio: float, mix: Sequence[float] | None
             raise BudgetError(msg)
         warnings.warn(msg, BudgetWarning, stacklevel=2)
     return plan
+
+
+def official_token_fraction(scores: MaskScores, keep: float) -> float:
+    """The fraction of (layer, patch) pairs the official code keeps when asked to keep ``keep`` of them.
+
+    The official code takes the global threshold that keeps ``keep`` of the raw token scores, then ORs
+    the masks from the last layer back (a patch kept at a later layer is kept at every earlier one), so it
+    keeps more pairs than asked. ``plan_for_ratios(scores, token=official_token_fraction(scores, r))``
+    keeps the same pairs as the official rule for ``r`` (the ranking is the same; only the count differs).
+    """
+    _check_ratio(keep, "token keep fraction")
+    imp = np.abs(scores.token_values()).ravel()
+    n_keep = max(1, int(round(keep * imp.size)))
+    threshold = np.sort(imp)[::-1][n_keep - 1]
+    eff = np.maximum.accumulate(np.abs(scores.token_values())[::-1], axis=0)[::-1]
+    return float((eff >= threshold).mean())
