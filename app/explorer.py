@@ -31,7 +31,8 @@ from vitslim_core.plan import DEFAULT_TOL, BudgetWarning, SlimPlan, plan_for_flo
 from .views import (TABLE_HEADERS, Card, budget_stamp, fmt_flops as _fmt_flops, fmt_params as _fmt_params,
                     layer_rows, one_line as _one_line, readout_cards, rounding_note, table_total)
 from .jobs import JOB, JobBusyError, JobStatus, RetrainJob, RetrainRequest
-from .runs import MissingWeightsError, OpenRun, RunRegistry, Sample, read_sweep, sweep_file
+from .runs import (DATA_ROOT, MissingWeightsError, OpenRun, RunRegistry, Sample, bundled_labels, bundled_runs,
+                   read_sweep, sweep_file)
 
 MODES = [("FLOPs budget", "flops"), ("per-dimension ratios", "ratios")]
 # the outputs of budget_views, and which of them each tab shows
@@ -312,7 +313,8 @@ class Explorer:
     """Callbacks of one app instance.
 
     Args:
-        runs: run folders (or score files) to offer; default: the bundled demo.
+        runs: run folders (or score files) to offer; default: the bundled runs (``runs.bundled_runs``:
+            Fashion-MNIST first when its data set is installed, else the digits demo).
         workdir: where uploads, exports, sweeps and retraining outputs go (default: a new temp dir).
         job: the retraining job (default: the process-wide ``app.jobs.JOB``).
     """
@@ -320,10 +322,10 @@ class Explorer:
     def __init__(self, runs: Sequence[str | Path] | None = None, workdir: str | Path | None = None,
                  job: RetrainJob | None = None) -> None:
         from vitslim_core.demo import DEMO_DIR
-        runs = list(runs or [DEMO_DIR])
+        runs = list(runs or bundled_runs() or [DEMO_DIR])
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="vitslim-app-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.registry = RunRegistry(runs, self.workdir, bundled=DEMO_DIR)
+        self.registry = RunRegistry(runs, self.workdir, bundled=list(bundled_labels()))
         self.job = job or JOB
         self._plans: OrderedDict[tuple, PlanResult] = OrderedDict()
         self._plans_lock = threading.Lock()
@@ -771,13 +773,18 @@ class Explorer:
             run = self.run(run_key)
         except VitSlimError as e:
             return f"**{html.escape(_one_line(e))}**"
+        try:
+            run.check_data("Evaluating or retraining here")
+            no_data = ""
+        except DataError as e:
+            no_data = f" **{html.escape(_one_line(e))}.**"
         if read_sweep(run, self.workdir) is None:
             if not run.has_weights:
                 return f"_No sweep.json for this run, and {html.escape(run.missing_weights_message('computing one'))}._"
             return ("_This run has no accuracy curve yet (`sweep.json`). Press **Compute the curve** to slim and "
-                    "evaluate the model at 30%, 40%, ..., 100% FLOPs (no retraining)._")
+                    "evaluate the model at 30%, 40%, ..., 100% FLOPs (no retraining)._" + no_data)
         return ("The curve shows the slimmed model **without retraining** at several budgets; retraining "
-                "recovers much of the lost accuracy.")
+                "recovers much of the lost accuracy." + no_data)
 
     def _evaluate_model(self, run: OpenRun, model: Any, progress: Any = None) -> dict[str, float]:
         from vitslim_core.train import evaluate
@@ -800,6 +807,7 @@ class Explorer:
             budget = Budget.of(mode, flops, attn, mlp, token)
             plan = self.plan(run, budget).plan
             model = run.model()
+            run.check_data("Evaluating")
             from vitslim_core.slim import slim_model
             progress(0.0, desc="slimming")
             slim = slim_model(model, plan)
@@ -821,6 +829,7 @@ class Explorer:
         """Evaluate without the UI (the /evaluate endpoint)."""
         from vitslim_core.slim import slim_model
         plan = self.plan(run, budget).plan
+        run.check_data("Evaluating")
         ev = self._evaluate_model(run, slim_model(run.model(), plan))
         return {**ev, "flops_ratio": plan.flops_ratio, "params": plan.params}
 
@@ -833,11 +842,12 @@ class Explorer:
             if not run.has_weights:
                 raise MissingWeightsError(run.missing_weights_message("The accuracy curve"))
             run.check_dataset()
+            run.check_data("Computing the curve")
             progress(0.0, desc="slimming and evaluating")
 
             def cb(i: int, n: int, row: dict) -> None:
                 progress((i, n), desc=f"budget {row['target']:.0%}: top-1 {row['top1']:.1f}%")
-            rows = sweep(run.folder, budgets=DEFAULT_BUDGETS, progress=cb)
+            rows = sweep(run.folder, budgets=DEFAULT_BUDGETS, progress=cb, data_root=DATA_ROOT)
             out = sweep_file(run, self.workdir)
             write_sweep(rows, out.parent)
         except VitSlimError as e:
@@ -908,6 +918,7 @@ class Explorer:
             if not run.has_weights:
                 raise MissingWeightsError(run.missing_weights_message("Retraining"))
             run.check_dataset()
+            run.check_data("Retraining")
             budget = Budget.of(mode, flops, attn, mlp, token)
             self.plan(run, budget)  # fail early on impossible budgets
             nan = float("nan")

@@ -66,7 +66,8 @@ def skip_gradio_stub_writing() -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The app's options (shared by ``vitslim app`` and ``python -m vitslim_app``)."""
     p.add_argument("runs", nargs="*", metavar="RUN",
-                   help="search run folders (or their scores.safetensors); default: the bundled digits demo")
+                   help="search run folders (or their scores.safetensors); default: the two bundled runs "
+                        "(Fashion-MNIST first when its data set is installed, else the digits demo)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default %(default)s; anything else exposes the app on the network)")
     p.add_argument("--port", type=port_number, default=7860, help="port, 1-65535 (default %(default)s)")
@@ -107,10 +108,12 @@ def check_runs(runs: Sequence[str]) -> list[Path]:
         out.append(folder.resolve())
     if not out:
         from vitslim_core.demo import DEMO_DIR
-        if not (DEMO_DIR / "scores.safetensors").is_file():
+
+        from .runs import bundled_runs
+        out = bundled_runs()
+        if not out:
             raise ScoreFileError(f"the bundled demo is missing ({DEMO_DIR}); rebuild it with `vitslim demo` "
                                  "or pass a run folder")
-        out.append(DEMO_DIR)
     return out
 
 

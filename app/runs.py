@@ -1,4 +1,9 @@
-"""Runs the app can show: the bundled demo, folders named on the command line, uploaded score files.
+"""Runs the app can show: the bundled runs, folders named on the command line, uploaded score files.
+
+Two runs are bundled (``vitslim_core/assets``): the digits demo and the Fashion-MNIST run. Without run
+folders the app and the widgets open both (``bundled_runs``); the Fashion-MNIST run comes first when
+its data set is installed (evaluation and retraining need it; token masks use the run's bundled
+sample images), the digits demo otherwise (it needs nothing outside the package).
 
 A run is identified in the page by its folder path (the "run key"). Only folders given at start-up
 and folders the app created under its work dir (uploads) are accepted, so a crafted request cannot
@@ -14,8 +19,9 @@ import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from vitslim_core.demo import SAMPLES_FILE
 from vitslim_core.errors import DataError, ScoreFileError, VitSlimError
 from vitslim_core.run_folder import SWEEP_FILE, read_history, read_sweep_rows
 from vitslim_core.scores import MaskScores
@@ -23,6 +29,53 @@ from vitslim_core.scores import MaskScores
 # datasets an uploaded run may name: built in, nothing read from or written to the server's disk
 UPLOAD_DATASETS = ("digits", "synthetic")
 MAX_UPLOAD_SYNTHETIC = 10_000
+DATA_ROOT = "data"  # torchvision's root folder for Fashion-MNIST (relative to where the app runs), as in the CLI
+SAMPLES_PER_CLASS = 1  # bundled Fashion-MNIST samples offered per class (the file holds 10 of each)
+
+
+def fashion_install_hint(data_root: str | Path = DATA_ROOT) -> str:
+    """How to get Fashion-MNIST onto this machine (one line)."""
+    return (f"install it with `apt-get install dataset-fashion-mnist`, put torchvision's FashionMNIST/raw files "
+            f"under {Path(data_root)}/, or download them once with `vitslim eval RUN --download`")
+
+
+def fashion_installed(data_root: str | Path = DATA_ROOT) -> bool:
+    """Whether Fashion-MNIST is where ``fashion-mnist`` (no path) looks: Debian's folder, then ``data_root``."""
+    from vitslim_core.fashion import find_files
+    try:
+        find_files(None, data_root)
+    except DataError:
+        return False
+    return True
+
+
+def bundled_labels() -> dict[Path, str]:
+    """The page's name of each bundled run folder."""
+    from vitslim_core.demo import DEMO_DIR, FASHION_DIR
+    return {DEMO_DIR.resolve(): "digits demo (bundled)", FASHION_DIR.resolve(): "Fashion-MNIST (bundled)"}
+
+
+def bundled_runs(data_root: str | Path = DATA_ROOT) -> list[Path]:
+    """The bundled run folders that exist, the default first.
+
+    The default is the Fashion-MNIST run when its folder and the data set are both there, else the digits
+    demo (always usable offline). A folder without ``scores.safetensors`` (a checkout without it) is left out.
+    """
+    from vitslim_core.demo import DEMO_DIR, FASHION_DIR
+    found = [d.resolve() for d in (DEMO_DIR, FASHION_DIR) if (d / "scores.safetensors").is_file()]
+    fashion = FASHION_DIR.resolve()
+    if fashion in found and found[0] != fashion and fashion_installed(data_root):
+        found.remove(fashion)
+        found.insert(0, fashion)
+    return found
+
+
+def default_run(data_root: str | Path = DATA_ROOT) -> Path:
+    """The bundled run to open without a choice: Fashion-MNIST when it is bundled and its data set is
+    installed, else the digits demo (what the notebooks and ``SlimPanel()`` show)."""
+    from vitslim_core.demo import DEMO_DIR
+    runs = bundled_runs(data_root)
+    return runs[0] if runs else DEMO_DIR
 
 
 class MissingWeightsError(VitSlimError):
@@ -92,6 +145,20 @@ class OpenRun:
                             f"use the built-in datasets ({', '.join(UPLOAD_DATASETS)}, synthetic:N up to "
                             f"{MAX_UPLOAD_SYNTHETIC:,}): evaluate and retrain it with the command line")
 
+    def check_data(self, what: str) -> None:
+        """Raise a one-line DataError saying how to install the data set when ``what`` (evaluating,
+        retraining) needs Fashion-MNIST and it is not on this machine. Other datasets fail when loaded."""
+        kind, _, path = (self.dataset_name or "").strip().partition(":")
+        if kind.lower() != "fashion-mnist" or self._data is not None:
+            return
+        from vitslim_core.fashion import find_files
+        try:
+            find_files(path or None, DATA_ROOT)
+        except DataError:
+            where = f" (looked in {path})" if path else ""
+            raise DataError(f"{what} needs the Fashion-MNIST data set, which is not on this machine{where}: "
+                            f"{fashion_install_hint()}") from None
+
     def missing_weights_message(self, what: str) -> str:
         return (f"{what} needs the searched weights, but run '{self.label}' has only its scores "
                 f"(no model.safetensors next to scores.safetensors)")
@@ -124,16 +191,24 @@ class OpenRun:
                 if not name:
                     raise VitSlimError(f"run '{self.label}' does not name its dataset")
                 self.check_dataset()
-                self._data = load_for(self.data_cfg, name, augment=augment)
+                self._data = load_for(self.data_cfg, name, augment=augment, data_root=DATA_ROOT)
             return self._data
 
     def samples(self) -> list[Sample]:
-        """Images to try: ten test images of a bundled dataset and, for colour models, three photos."""
+        """Images to try: one test image per class (the run's bundled samples, else the dataset's test
+        split for built-in datasets) and, for colour models, three photos."""
         with self._lock:
             if self._samples is not None:
                 return self._samples
         out: list[Sample] = []
-        if self.dataset_name in ("digits",) or (self.dataset_name or "").startswith("synthetic"):
+        if (self.folder / SAMPLES_FILE).is_file():
+            try:
+                out.extend(self._bundled_samples())
+            except VitSlimError:  # a damaged sample file: the test split or the photos instead
+                pass
+        name = self.dataset_name or ""
+        built_in = name == "digits" or name.startswith("synthetic") or (name == "fashion-mnist" and fashion_installed())
+        if not out and built_in:
             try:
                 out.extend(self._dataset_samples())
             except VitSlimError:
@@ -144,8 +219,31 @@ class OpenRun:
             self._samples = out
         return out
 
-    def _dataset_samples(self, n: int = 10) -> list[Sample]:
+    def _thumb(self, x: Any) -> Any:
         from vitslim_core.viz import display_image
+        thumb = display_image(x, self.data_cfg)
+        f = max(1, 64 // max(thumb.shape[:2]))
+        return thumb.repeat(f, 0).repeat(f, 1)
+
+    def _bundled_samples(self) -> list[Sample]:
+        """The run's ``samples.safetensors`` (Fashion-MNIST test images kept next to the run, so token masks
+        work without the data set), ``SAMPLES_PER_CLASS`` per class in class order."""
+        from vitslim_core.fashion import sample_inputs
+        xs, labels = sample_inputs(self.folder / SAMPLES_FILE, self.data_cfg)
+        if tuple(xs.shape[1:]) != (self.spec.in_chans, *self.spec.img_size):
+            return []
+        names = self.scores.class_names
+        seen: dict[int, int] = {}
+        out = []
+        for i, y in enumerate(labels):
+            if seen.get(y, 0) >= SAMPLES_PER_CLASS:
+                continue
+            seen[y] = seen.get(y, 0) + 1
+            x = xs[i:i + 1]
+            out.append(Sample(f"test image: {names[y] if y < len(names) else y}", x, self._thumb(x), y))
+        return sorted(out, key=lambda smp: smp.label)
+
+    def _dataset_samples(self, n: int = 10) -> list[Sample]:
         test = self.data().test
         names = self.scores.class_names
         picked: dict[int, int] = {}
@@ -159,9 +257,7 @@ class OpenRun:
         for cls in sorted(picked)[:n]:
             x, y = test[picked[cls]]
             x = x[None]
-            thumb = display_image(x, self.data_cfg)
-            f = max(1, 64 // max(thumb.shape[:2]))
-            thumb = thumb.repeat(f, 0).repeat(f, 1)
+            thumb = self._thumb(x)
             label = names[int(y)] if int(y) < len(names) else str(int(y))
             out.append(Sample(f"test digit {label}" if self.dataset_name == "digits" else f"test image: {label}",
                               x, thumb, int(y)))
@@ -190,19 +286,23 @@ class OpenRun:
 
 
 # ====================================================================== registry
-def _run_label(folder: Path, bundled: bool) -> str:
-    if bundled:
-        return "digits demo (bundled)"
-    return folder.name or str(folder)
-
-
 class RunRegistry:
-    """The runs one app may open, loaded lazily and cached by folder and file time."""
+    """The runs one app may open, loaded lazily and cached by folder and file time.
 
-    def __init__(self, runs: list[str | Path], workdir: Path, bundled: Path | None = None) -> None:
+    Args:
+        runs: run folders (or score files) given at start-up; the first is the default.
+        workdir: the app's work dir (uploads go to ``workdir/uploads``).
+        bundled: the bundled run folder(s) among ``runs`` (named by ``bundled_labels``, never written to).
+    """
+
+    def __init__(self, runs: list[str | Path], workdir: Path, bundled: Path | Sequence[Path] | None = None) -> None:
         self.workdir = Path(workdir)
         self.uploads = self.workdir / "uploads"
-        self.bundled = Path(bundled).resolve() if bundled else None
+        if bundled is None:
+            bundled = ()
+        elif isinstance(bundled, (str, Path)):
+            bundled = (bundled,)
+        self.bundled = tuple(Path(b).resolve() for b in bundled)
         self.startup = [self._folder(r) for r in runs]
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, OpenRun]] = {}
@@ -215,8 +315,14 @@ class RunRegistry:
     def default_key(self) -> str:
         return str(self.startup[0]) if self.startup else ""
 
+    def label(self, folder: Path) -> str:
+        """The page's name of a start-up run: "digits demo (bundled)", ..., or the folder name."""
+        if folder in self.bundled:
+            return bundled_labels().get(folder, f"{folder.name} (bundled)")
+        return folder.name or str(folder)
+
     def startup_choices(self) -> list[tuple[str, str]]:
-        return [(_run_label(p, p == self.bundled), str(p)) for p in self.startup]
+        return [(self.label(p), str(p)) for p in self.startup]
 
     def allowed(self, key: str) -> bool:
         if not key or not isinstance(key, (str, Path)):
@@ -254,8 +360,8 @@ class RunRegistry:
                 return hit[1]
         scores = MaskScores.load(scores_file)  # header, recipe and data config all checked here
         uploaded = folder not in self.startup
-        label = self._upload_label(folder) if uploaded else _run_label(folder, folder == self.bundled)
-        run = OpenRun(str(folder), label, folder, scores, read_history(folder), bundled=folder == self.bundled,
+        label = self._upload_label(folder) if uploaded else self.label(folder)
+        run = OpenRun(str(folder), label, folder, scores, read_history(folder), bundled=folder in self.bundled,
                       uploaded=uploaded)
         with self._lock:
             self._cache[str(folder)] = (stamp, run)

@@ -2,7 +2,7 @@
 
 ``build_app(runs=...)`` returns the ``gr.Blocks``; ``launch_app`` starts it with the app's settings
 (127.0.0.1, upload limit, allowed paths, theme and CSS). ``demo`` (module attribute) is built on first
-access with the bundled demo, for ``gradio app/ui.py`` and notebooks.
+access with the bundled runs, for ``gradio app/ui.py`` and notebooks.
 """
 from __future__ import annotations
 
@@ -238,7 +238,7 @@ def _live_image(elem_id: str, label: str, value: Any = None, pixelated: bool = F
 
 def build_app(runs: Sequence[str | Path] | None = None, workdir: str | Path | None = None,
               explorer: Explorer | None = None) -> gr.Blocks:
-    """The exploration app over ``runs`` (default: the bundled digits demo).
+    """The exploration app over ``runs`` (default: the bundled runs, see ``runs.bundled_runs``).
 
     Args:
         runs: search run folders (or their score files); the first one opens first.

@@ -3,7 +3,7 @@
 One line in a notebook::
 
     from vitslim_app.widgets import SlimPanel
-    SlimPanel("runs/digits")        # or SlimPanel() for the bundled digits demo
+    SlimPanel("runs/digits")        # or SlimPanel() for a bundled run (Fashion-MNIST or the digits demo)
 
 The panel shows the same pictures as the app (``vitslim_core.viz``), computes the same plans
 (``plan_for_flops`` / ``plan_for_ratios``), opens runs the same way (``app.runs``) and retrains through
@@ -35,7 +35,7 @@ from vitslim_core import viz
 from vitslim_core.errors import VitSlimError
 from vitslim_core.plan import DEFAULT_TOL, BudgetWarning, SlimPlan, plan_for_flops, plan_for_ratios, removal_order
 
-from .runs import MissingWeightsError, OpenRun, RunRegistry, read_sweep
+from .runs import MissingWeightsError, OpenRun, RunRegistry, bundled_labels, default_run, read_sweep
 from .views import TABLE_HEADERS, Card, layer_rows, one_line as _one_line, readout_cards, rounding_note, table_total
 
 TABS = ("attention", "mlp", "tokens", "layers", "scores", "image", "accuracy", "history", "retrain")
@@ -128,7 +128,8 @@ class SlimPanel:
 
     Args:
         run: a run folder (``scores.safetensors``, optionally ``model.safetensors`` and ``history.json``)
-            or a score file; default: the bundled digits demo (``vitslim_core.demo.DEMO_DIR``).
+            or a score file; default: a bundled run (``vitslim_app.runs.default_run``: the Fashion-MNIST
+            run when its data set is installed, else the digits demo).
         flops: the FLOPs budget shown first.
         workdir: where retraining writes its outputs (default: a new temporary folder).
         device: device for evaluation and retraining ("cpu", "cuda", "auto").
@@ -146,10 +147,9 @@ class SlimPanel:
 
     def __init__(self, run: str | Path | None = None, *, flops: float = DEFAULT_FLOPS,
                  workdir: str | Path | None = None, device: str = "cpu") -> None:
-        from vitslim_core.demo import DEMO_DIR
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="vitslim-widgets-"))
         self.device = device
-        registry = RunRegistry([run or DEMO_DIR], self.workdir, bundled=DEMO_DIR)
+        registry = RunRegistry([run or default_run()], self.workdir, bundled=list(bundled_labels()))
         self.run: OpenRun = registry.get(None)
         self.plan: SlimPlan | None = None
         self.note = ""
@@ -427,6 +427,7 @@ class SlimPanel:
         from vitslim_core.train import evaluate
         self.accuracy.value = "evaluating on the test split..."
         try:
+            self.run.check_data("Evaluating")
             ev = evaluate(self._slim(), self.run.data().test, batch_size=128, device=self.device)
         except VitSlimError as e:
             self.accuracy.value = error_html(_one_line(e))
@@ -456,6 +457,11 @@ class SlimPanel:
                 return False
             if not self.run.has_weights:
                 self.status.value = error_html(self.run.missing_weights_message("Retraining"))
+                return False
+            try:
+                self.run.check_data("Retraining")
+            except VitSlimError as e:
+                self.status.value = error_html(_one_line(e))
                 return False
             from vitslim_core.retrain import RetrainConfig
             budget = self.budget

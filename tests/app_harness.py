@@ -50,6 +50,74 @@ def run_for_tests(base: Path) -> Path:
     return bundled_demo() or build_quick_run(Path(base) / "quick-run")
 
 
+def bundled_fashion() -> Path | None:
+    """The bundled Fashion-MNIST run, if it has been built."""
+    from vitslim_core.demo import FASHION_DIR
+    return FASHION_DIR if (FASHION_DIR / "scores.safetensors").is_file() else None
+
+
+def fashion_installed() -> bool:
+    """Whether the real Fashion-MNIST data set is installed (Debian's folder or ./data)."""
+    from vitslim_app.runs import fashion_installed as installed
+    return installed()
+
+
+def _write_idx(path: Path, array: Any) -> None:
+    import numpy as np
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    head = (0x800 | array.ndim).to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(head + array.tobytes())
+
+
+def build_quick_fashion_run(out: Path) -> Path:
+    """A Fashion-MNIST run in seconds without the data set: fashion-vit searched for a few steps on tiny
+    random IDX files, then renamed to plain ``fashion-mnist`` (as the bundled run names its data), with
+    ``samples.safetensors`` (ten images per class) like the bundled run."""
+    import numpy as np
+
+    from vitslim_core.fashion import FILES, save_samples
+    from vitslim_core.scores import MaskScores
+    from vitslim_core.search import SearchConfig, search
+    out = Path(out)
+    if (out / "scores.safetensors").is_file() and (out / "samples.safetensors").is_file():
+        return out
+    os.environ.setdefault("VITSLIM_NO_PROGRESS", "1")
+    tmp = out.with_name(out.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    idx = tmp / "idx"
+    idx.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 240), ("test", 100)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        arrays[f"{split}_images"] = rng.integers(0, 40, (n, 28, 28)) + (labels * 20)[:, None, None]
+        arrays[f"{split}_labels"] = labels
+    for key, array in arrays.items():
+        _write_idx(idx / FILES[key], array)
+    search(SearchConfig(model="fashion-vit", data=f"fashion-mnist:{idx}", out=str(tmp),
+                        **{**QUICK_SEARCH, "max_steps": 4}))
+    (tmp / "checkpoint.pt").unlink(missing_ok=True)
+    scores = MaskScores.load(tmp)
+    scores.meta["data"]["name"] = "fashion-mnist"
+    scores.save(tmp)
+    order = np.argsort(arrays["test_labels"], kind="stable")
+    save_samples(tmp / "samples.safetensors", arrays["test_images"][order], arrays["test_labels"][order], order)
+    shutil.rmtree(idx)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def fashion_run_for_tests(base: Path) -> Path:
+    """A Fashion-MNIST run for the app's tests: ``VITSLIM_TEST_FASHION_RUN``, else the bundled one, else a
+    quick one in ``base`` (built once)."""
+    env = os.environ.get("VITSLIM_TEST_FASHION_RUN")
+    if env:
+        return Path(env)
+    return bundled_fashion() or build_quick_fashion_run(Path(base) / "quick-fashion-run")
+
+
 def launch_for_tests(run: Path, workdir: Path, **launch_kwargs: Any) -> tuple[Any, str]:
     """Build the app on ``run`` (a fresh retraining job) and launch it on 127.0.0.1 at a free port
     without blocking; returns ``(demo, url)``. The caller closes it with ``demo.close()``."""

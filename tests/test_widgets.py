@@ -188,6 +188,57 @@ def test_a_run_without_weights_still_shows_plans(run_dir, tmp_path):
     assert img(p, "history").startswith(PNG)
 
 
+# ---------------------------------------------------------------------------- the two bundled runs
+@pytest.fixture()
+def bundled(monkeypatch, run_dir, tmp_path_factory):
+    """The digits run and a Fashion-MNIST run stand in as the two bundled runs."""
+    from app_harness import fashion_run_for_tests
+    from vitslim_core import demo
+    fashion_dir = fashion_run_for_tests(tmp_path_factory.getbasetemp()).resolve()
+    monkeypatch.setattr(demo, "DEMO_DIR", run_dir.resolve())
+    monkeypatch.setattr(demo, "FASHION_DIR", fashion_dir)
+    return run_dir.resolve(), fashion_dir
+
+
+def _fashion_where(monkeypatch, tmp_path, installed: bool) -> None:
+    """Fashion-MNIST's files (present or not) in a stand-in Debian folder; nothing under ./data."""
+    from vitslim_core import fashion
+    folder = tmp_path / "debian-fashion"
+    folder.mkdir(exist_ok=True)
+    if installed:
+        for stem in fashion.FILES.values():
+            (folder / f"{stem}.gz").write_bytes(b"")
+    monkeypatch.setattr(fashion, "DEBIAN_DIR", folder)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize("installed", [True, False], ids=["data-set-installed", "no-data-set"])
+def test_the_default_panel_opens_fashion_only_with_its_data_set(bundled, monkeypatch, tmp_path, installed):
+    _fashion_where(monkeypatch, tmp_path, installed)
+    p = SlimPanel(workdir=tmp_path / "work")
+    digits, fashion_dir = bundled
+    assert p.run.folder == (fashion_dir if installed else digits)
+    assert p.run.label == ("Fashion-MNIST (bundled)" if installed else "digits demo (bundled)")
+    assert SlimPanel(digits, workdir=tmp_path / "work2").run.label == "digits demo (bundled)"  # a run as today
+
+
+def test_fashion_panel_without_its_data_set(bundled, monkeypatch, tmp_path):
+    from vitslim_core.fashion import CLASS_NAMES
+    _fashion_where(monkeypatch, tmp_path, installed=False)
+    p = SlimPanel(bundled[1], workdir=tmp_path / "work", flops=0.5)
+    assert [name for name, _ in p.sample.options] == [f"test image: {n}" for n in CLASS_NAMES]
+    p.show("image")
+    p.sample.value = CLASS_NAMES.index("Sneaker")
+    assert img(p, "overlay").startswith(PNG) and img(p, "strip").startswith(PNG)
+    assert "Sneaker" in p.prediction.value
+    for tab in ("attention", "mlp", "tokens", "layers"):
+        p.show(tab)
+        assert p.error == ""
+    assert p.evaluate_budget() is None and "apt-get install dataset-fashion-mnist" in p.accuracy.value
+    assert p.start_retrain() is False and "apt-get install dataset-fashion-mnist" in p.status.value
+    assert p.job_state == "idle"
+
+
 def test_png_bytes_round_trip():
     from io import BytesIO
 
