@@ -199,3 +199,15 @@ def test_evaluation_uses_the_installed_data_set(fashion_run, tmp_path):
     assert "on 10000 test images" in md and len(evals) == 1, md
     if bundled_fashion() == fashion_run:
         assert evals[0]["top1"] > 80  # the bundled model (89% dense)
+
+
+def test_token_overlay_api_on_a_clothing_photo(fashion_run, no_data, tmp_path):
+    """/token_overlay on the Fashion-MNIST run: an uploaded picture of a garment is preprocessed like the
+    data set (gray, dark background) and gets its token mask, without the data set."""
+    from PIL import Image
+    ex = Explorer([fashion_run], tmp_path / "work", job=RetrainJob())
+    images, labels, _ = fashion.load_samples(fashion_run / "samples.safetensors")
+    photo = tmp_path / "bag.png"  # a bundled bag, inverted and enlarged like a product photo on white
+    Image.fromarray(255 - images[list(labels).index(CLASS_NAMES.index("Bag"))]).resize((112, 112)).save(photo)
+    out = ex.api_token_overlay(str(photo), 5, 0.4)
+    assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
