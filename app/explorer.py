@@ -31,8 +31,9 @@ from vitslim_core.plan import DEFAULT_TOL, BudgetWarning, SlimPlan, plan_for_flo
 from .views import (TABLE_HEADERS, Card, budget_stamp, fmt_flops as _fmt_flops, fmt_params as _fmt_params,
                     layer_rows, one_line as _one_line, readout_cards, rounding_note, table_total)
 from .jobs import JOB, JobBusyError, JobStatus, RetrainJob, RetrainRequest
-from .runs import (DATA_ROOT, MissingWeightsError, OpenRun, RunRegistry, Sample, bundled_labels, bundled_runs,
-                   read_sweep, sweep_file)
+from . import runs as run_registry
+from .runs import (MissingWeightsError, OpenRun, RunRegistry, Sample, bundled_labels, bundled_runs, read_sweep,
+                   sweep_file)
 
 MODES = [("FLOPs budget", "flops"), ("per-dimension ratios", "ratios")]
 # the outputs of budget_views, and which of them each tab shows
@@ -847,7 +848,7 @@ class Explorer:
 
             def cb(i: int, n: int, row: dict) -> None:
                 progress((i, n), desc=f"budget {row['target']:.0%}: top-1 {row['top1']:.1f}%")
-            rows = sweep(run.folder, budgets=DEFAULT_BUDGETS, progress=cb, data_root=DATA_ROOT)
+            rows = sweep(run.folder, budgets=DEFAULT_BUDGETS, progress=cb, data_root=run_registry.DATA_ROOT)
             out = sweep_file(run, self.workdir)
             write_sweep(rows, out.parent)
         except VitSlimError as e:

@@ -258,12 +258,15 @@ class RetrainJob:
         restore = self._background()
         try:
             from vitslim_core.retrain import RetrainConfig, retrain
+
+            from .runs import DATA_ROOT
             runner = runner or retrain
             out = Path(req.out)
             cfg = RetrainConfig(run=req.run_key, out=str(out), epochs=req.epochs, lr=req.lr,
                                 distill="soft" if req.distill else "none", device=req.device,
                                 max_steps=req.max_steps, batch_size=req.batch_size,
-                                log_every=1 if (req.max_steps and req.max_steps <= 100) else 5, **req.budget)
+                                log_every=1 if (req.max_steps and req.max_steps <= 100) else 5,
+                                data_root=DATA_ROOT, **req.budget)
             self._update(state="running")
             result = runner(cfg, on_log=self._on_log, should_stop=self._should_stop)
             stopped = bool(result.history.get("stopped")) or self._stop.is_set()

@@ -33,17 +33,19 @@ DATA_ROOT = "data"  # torchvision's root folder for Fashion-MNIST (relative to w
 SAMPLES_PER_CLASS = 1  # bundled Fashion-MNIST samples offered per class (the file holds 10 of each)
 
 
-def fashion_install_hint(data_root: str | Path = DATA_ROOT) -> str:
+def fashion_install_hint(data_root: str | Path | None = None) -> str:
     """How to get Fashion-MNIST onto this machine (one line)."""
+    data_root = DATA_ROOT if data_root is None else data_root
     return (f"install it with `apt-get install dataset-fashion-mnist`, put torchvision's FashionMNIST/raw files "
             f"under {Path(data_root)}/, or download them once with `vitslim eval RUN --download`")
 
 
-def fashion_installed(data_root: str | Path = DATA_ROOT) -> bool:
-    """Whether Fashion-MNIST is where ``fashion-mnist`` (no path) looks: Debian's folder, then ``data_root``."""
+def fashion_installed(data_root: str | Path | None = None) -> bool:
+    """Whether Fashion-MNIST is where ``fashion-mnist`` (no path) looks: Debian's folder, then ``data_root``
+    (default ``DATA_ROOT``)."""
     from vitslim_core.fashion import find_files
     try:
-        find_files(None, data_root)
+        find_files(None, DATA_ROOT if data_root is None else data_root)
     except DataError:
         return False
     return True
@@ -55,7 +57,7 @@ def bundled_labels() -> dict[Path, str]:
     return {DEMO_DIR.resolve(): "digits demo (bundled)", FASHION_DIR.resolve(): "Fashion-MNIST (bundled)"}
 
 
-def bundled_runs(data_root: str | Path = DATA_ROOT) -> list[Path]:
+def bundled_runs(data_root: str | Path | None = None) -> list[Path]:
     """The bundled run folders that exist, the default first.
 
     The default is the Fashion-MNIST run when its folder and the data set are both there, else the digits
@@ -70,7 +72,7 @@ def bundled_runs(data_root: str | Path = DATA_ROOT) -> list[Path]:
     return found
 
 
-def default_run(data_root: str | Path = DATA_ROOT) -> Path:
+def default_run(data_root: str | Path | None = None) -> Path:
     """The bundled run to open without a choice: Fashion-MNIST when it is bundled and its data set is
     installed, else the digits demo (what the notebooks and ``SlimPanel()`` show)."""
     from vitslim_core.demo import DEMO_DIR

@@ -471,10 +471,12 @@ class SlimPanel:
             while out.exists():
                 n += 1
                 out = out.with_name(f"{out.name.rsplit('~', 1)[0]}~{n}")
+            from .runs import DATA_ROOT
             cfg = RetrainConfig(run=str(self.run.folder), out=str(out), epochs=int(self.epochs.value),
                                 max_steps=max_steps, lr=float(self.lr.value), batch_size=int(self.batch_size.value),
                                 distill="soft" if self.distill.value else "none", device=self.device,
-                                log_every=1 if 0 < max_steps <= 100 else 5, **budget.retrain_kwargs())
+                                log_every=1 if 0 < max_steps <= 100 else 5, data_root=DATA_ROOT,
+                                **budget.retrain_kwargs())
             self._stop = threading.Event()
             self.job_state, self.job_result = "running", {}
             self.job_history = {"log": [], "eval": []}

@@ -321,3 +321,47 @@ def test_url_mode_switch_and_ratio_sliders_leave_every_view_at_that_budget(page,
     stamp = wait_views_agree(page, "Scores", old=stamp)
     page.get_by_label("FLOPs budget", exact=True).check()
     wait_views_agree(page, "Scores", old=stamp, flops_pct=37)
+
+
+# ---------------------------------------------------------------------------- the two bundled runs
+@pytest.fixture(scope="module")
+def two_runs_url(tmp_path_factory):
+    """The app with no runs named (both bundled runs, stood in for by test runs) and no Fashion-MNIST data."""
+    from app_harness import fashion_run_for_tests, free_port
+    from vitslim_app import runs as app_runs
+    from vitslim_app.explorer import Explorer
+    from vitslim_app.jobs import RetrainJob
+    from vitslim_app.ui import build_app, launch_app
+    from vitslim_core import demo as demo_mod, fashion
+    base = tmp_path_factory.getbasetemp()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(demo_mod, "DEMO_DIR", run_for_tests(base).resolve())
+        mp.setattr(demo_mod, "FASHION_DIR", fashion_run_for_tests(base).resolve())
+        mp.setattr(fashion, "DEBIAN_DIR", base / "no-debian-fashion")
+        mp.setattr(app_runs, "DATA_ROOT", str(base / "no-data-root"))
+        demo = build_app(explorer=Explorer(None, tmp_path_factory.mktemp("two-runs-workdir"), job=RetrainJob()))
+        port = free_port()
+        launch_app(demo, host="127.0.0.1", port=port, quiet=True, prevent_thread_lock=True)
+        try:
+            yield f"http://127.0.0.1:{port}/"
+        finally:
+            demo.close()
+
+
+def test_fashion_run_without_its_data_set_in_the_page(page, two_runs_url):
+    open_app(page, two_runs_url)  # digits first: the data set is missing
+    page.wait_for_function("() => document.querySelector('#vs-run-msg').innerText.includes('digits-vit')")
+    open_app(page, two_runs_url + "?run=" + "Fashion-MNIST (bundled)".replace(" ", "%20") + "&view=image")
+    page.wait_for_function("() => document.querySelector('#vs-run-msg').innerText.includes('fashion-vit')")
+    page.wait_for_function("() => document.querySelectorAll('#vs-gallery img').length >= 10")  # one per class
+    overlay = page.locator("#vs-overlay img")
+    overlay.wait_for()
+    before = overlay.get_attribute("src")
+    page.locator("#vs-gallery img").nth(4).click()  # the coat
+    page.wait_for_function("(s) => document.querySelector('#vs-overlay img').getAttribute('src') !== s", arg=before)
+    page.wait_for_function("() => document.querySelector('#vs-pred-md').innerText.includes('Coat')")
+    open_tab(page, "Accuracy")
+    page.click("#vs-eval-btn")
+    page.wait_for_function("() => document.querySelector('#vs-eval-md').innerText"
+                           ".includes('apt-get install dataset-fashion-mnist')")
+    assert not page.external_requests

@@ -149,7 +149,7 @@ def ex(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     # the heavy parts are not what is fuzzed here: timing, evaluation and sweeps return at once
     mp.setattr(bench, "measure_latency", lambda model, **kw: {"median_ms": 1.0, "threads": 1})
-    mp.setattr(sweep, "sweep", lambda folder, budgets=(), progress=None: [
+    mp.setattr(sweep, "sweep", lambda folder, budgets=(), progress=None, **kw: [
         {"target": 0.5, "flops_ratio": 0.5, "top1": 50.0, "top5": 90.0}])
 
     def fake_eval(run, model, progress=None):

@@ -191,7 +191,8 @@ def test_the_rest_of_the_page_works_without_the_data_set(bundled, no_data, tmp_p
     assert build_app(explorer=ex) is not None
 
 
-@pytest.mark.skipif(not fashion_installed(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(not fashion_installed(),
+                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_evaluation_uses_the_installed_data_set(fashion_run, tmp_path):
     ex = Explorer([fashion_run], tmp_path / "work", job=RetrainJob())
     key = ex.registry.default_key()
