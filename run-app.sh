@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fresh machine -> the vitslim app on the bundled digits demo at http://127.0.0.1:7860 (no internet needed).
+# Fresh machine -> the vitslim app at http://127.0.0.1:7860 on the bundled runs (Fashion-MNIST first when its
+# data set is installed, else the digits demo; no internet needed).
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh
