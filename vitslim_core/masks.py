@@ -12,9 +12,12 @@ the model stays as it was:
 * tokens: ``norm1`` and ``norm2`` multiply their output at patch positions by the token value;
   prefix tokens (class, distillation, registers) are never masked.
 
-Folding the scores into the weights (and recomputing the cheap norm in backward) keeps a search step
-within a few percent of a plain fine-tuning step in time and activation memory: a multiplication
-after a layer would store one more activation tensor per mask.
+Folding the scores into the weights keeps a search step within a few percent of a plain fine-tuning
+step in time and activation memory: a multiplication after a layer would store one more activation
+tensor per mask. The scores of each dimension are one (L, ...) parameter, and the per-layer factors
+are computed once per forward of the model, so a step adds about 15 small operations per block
+(``benchmarks/bench_search_step.py`` counts them). The token-masked norms store their output for the
+token scores' gradient; ``add_masks(..., recompute_norms=True)`` recomputes it in backward instead.
 """
 from __future__ import annotations
 
@@ -105,7 +108,7 @@ class MlpScore(_LayerScore):
     kind = "mlp"
 
     def fc2_mask(self) -> torch.Tensor:
-        """The scores as fc2's input columns, (1, h)."""
+        """The scores of fc2's input columns, (1, h)."""
         m = self._step("fc2")
         return self.score[None, :] if m is None else m
 
@@ -130,7 +133,7 @@ class TokenScore(_LayerScore):
         return token_value(self.score)
 
     def full(self) -> torch.Tensor:
-        """Mask over the whole sequence (prefix tokens at 1), (N, 1)."""
+        """Mask over the whole sequence (prefix tokens at 1), (N, 1) (or (1, N, 1) during a model forward)."""
         m = self._step("token")
         if m is not None:
             return m
@@ -184,6 +187,7 @@ class SlimMasks(nn.Module):
         self.mlp = tuple(MlpScore(self, l) for l in range(L))
         self.token = tuple(TokenScore(self, l) for l in range(L))
         self._step: dict[str, tuple[torch.Tensor, ...]] | None = None
+        self._l1_weights: tuple = (None, None)
 
     def attn_per_dim(self) -> torch.Tensor:
         """Every layer's score of every head-dim, (L, H, d)."""
@@ -197,16 +201,24 @@ class SlimMasks(nn.Module):
         """Sum of |score| over all layers for attention, MLP and tokens (|tanh(raw)| for tokens)."""
         return self.attn_scores.abs().sum(), self.mlp_scores.abs().sum(), self.token_values().abs().sum()
 
+    def l1_loss(self, w_attn: float, w_mlp: float, w_token: float) -> torch.Tensor:
+        """``w_attn * sum|attn| + w_mlp * sum|mlp| + w_token * sum|token value|`` in one weighted sum."""
+        terms = torch.stack([self.attn_scores.abs().sum(), self.mlp_scores.abs().sum(),
+                             torch.tanh(self.token_scores).abs().sum()])
+        key = (w_attn, w_mlp, w_token, terms.device, terms.dtype)
+        if self._l1_weights[0] != key:  # made once, not at every step
+            self._l1_weights = (key, terms.new_tensor([w_attn, w_mlp, w_token / TOKEN_SCALE]))
+        return terms @ self._l1_weights[1]
+
     # ------------------------------------------------------------------ per-step factors
     def step_factors(self) -> dict[str, tuple[torch.Tensor, ...]]:
         """What the masked layers multiply by, for all layers at once, split into per-layer views."""
         L = self.depth
-        rows = self.attn_per_dim().reshape(L, 1, -1).expand(L, 3, -1).reshape(L, -1)  # (L, 3 H d) as (3, H, d)
-        v = self.token_values()  # (L, M)
-        if self.num_prefix:
-            v = torch.cat([v.new_ones(L, self.num_prefix), v], dim=1)  # (L, N)
-        return {"qkv_rows": rows.unbind(0), "qkv_cols": rows[:, :, None].unbind(0),
-                "fc2": self.mlp_scores[:, None, :].unbind(0), "token": v[:, :, None].unbind(0)}
+        rows = self.attn_per_dim().reshape(L, -1).repeat(1, 3)  # (L, 3 H d), laid out as (3, H, d)
+        v = F.pad(self.token_values(), (self.num_prefix, 0), value=1.0)  # (L, N): prefix tokens at 1
+        # shapes as the masked layers broadcast them, so that their gradients need no reshape
+        return {"qkv_rows": rows.unbind(0), "qkv_cols": rows.view(L, -1, 1).unbind(0),
+                "fc2": self.mlp_scores.view(L, 1, -1).unbind(0), "token": v.view(L, 1, -1, 1).unbind(0)}
 
     def begin_step(self, *_: Any) -> None:
         """Forward pre-hook of the model: compute the factors of this forward once."""
@@ -243,10 +255,10 @@ class _ColMaskedLinear(nn.Linear):
 
 def _token_scaled(module: nn.Module, base_forward, x: torch.Tensor) -> torch.Tensor:
     s = module._vitslim_score
-    mask = s.full()  # (N, 1)
-    if x.shape[1] != mask.shape[0]:
+    mask = s.full()  # (N, 1) or (1, N, 1)
+    if x.shape[1] != mask.shape[-2]:
         raise VitSlimError(
-            f"token masks were made for {s.num_prefix}+{mask.shape[0] - s.num_prefix} tokens, the input has "
+            f"token masks were made for {s.num_prefix}+{mask.shape[-2] - s.num_prefix} tokens, the input has "
             f"{x.shape[1]} (is the image size different from the one the masks were made for?)")
     if s._owner.recompute_norms and torch.is_grad_enabled() and x.requires_grad:
         # recompute the norm in backward instead of storing its unmasked output

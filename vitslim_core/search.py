@@ -206,8 +206,7 @@ def _search_step(masks, cfg: SearchConfig, teacher: nn.Module | None, num_classe
             with torch.no_grad():
                 t_logits = teacher(x_in)
             task = (1 - cfg.distill_alpha) * task + cfg.distill_alpha * distill_loss(logits, t_logits, cfg.distill_tau)
-        la, lm, lt = masks.l1_terms()
-        loss = task + w[0] * la + w[1] * lm + w[2] * lt
+        loss = task + masks.l1_loss(*w)
         with torch.no_grad():
             logs = {"task_loss": float(task.detach()), **logs, **alive_fractions(masks)}
         return loss, logs

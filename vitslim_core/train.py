@@ -253,7 +253,7 @@ def upgrade_optimizer_state(saved: dict[str, Any], opt: torch.optim.Optimizer) -
             parts = [state[i] for i in chunk if i in state]
             if len(parts) == len(chunk) and parts:
                 new_state[nxt] = {k: (torch.stack([p[k] for p in parts]) if len(chunk) > 1 and p0.ndim > 0
-                                      else p0) for k, p0 in parts[0].items()}
+                                      else p0.clone()) for k, p0 in parts[0].items()}
             ids.append(nxt)
             nxt += 1
         new_groups.append({**g, "params": ids})
