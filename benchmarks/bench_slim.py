@@ -7,6 +7,7 @@ dropped tokens. Models are timed in interleaved rounds in one process.
     python benchmarks/bench_slim.py                      # CPU, batch 32, 2 threads
     python benchmarks/bench_slim.py --device cuda        # on a GPU machine
     python benchmarks/bench_slim.py --multiple 1         # no width rounding
+    python benchmarks/bench_slim.py --compile            # every model torch.compile-d (nn.Module.compile)
 Target: speedup >= 0.9 x (1 / FLOPs ratio), i.e. efficiency >= 0.9.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--multiple", type=int, default=None, help="width rounding (default: automatic)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every model (in place)")
     args = ap.parse_args()
     import timm
     from vitslim_core import MaskScores, arch_spec, plan_for_flops, slim_model
@@ -57,11 +59,15 @@ def main() -> None:
               f"MLP widths {min(r['mlp'] for r in layers)}-{max(r['mlp'] for r in layers)}, "
               f"tokens {min(r['tokens'] for r in layers)}-{max(r['tokens'] for r in layers)} of {spec.num_patches}")
         slims[f"slim {b:.2f}"] = slim_model(model, plan).to(args.device)
-    rows = compare_latency(model.to(args.device), slims, batch_size=args.batch, runs=args.runs, warmup=2,
+    model = model.to(args.device)
+    if args.compile:  # in place: the modules keep their attributes (input shape, cost model)
+        for m in (model, *slims.values()):
+            m.compile()
+    rows = compare_latency(model, slims, batch_size=args.batch, runs=args.runs, warmup=2,
                            threads=args.threads if args.device == "cpu" else None, device=args.device,
                            rounds=args.rounds)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
-    print(f"{args.model}, batch {args.batch}, {dev}")
+    print(f"{args.model}, batch {args.batch}, {dev}{', torch.compile' if args.compile else ''}")
     print(format_table(rows))
 
 

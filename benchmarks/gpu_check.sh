@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks, run on a CUDA machine from the repo root (prints everything; nothing here runs in CI):
-#   1. search step vs plain step on CUDA (bf16 autocast and fp32): time and peak allocator memory;
-#   2. dense vs slim DeiT-S throughput on CUDA;
+#   1. search step vs plain step on CUDA (bf16 autocast and fp32, batch 64 and 256): operations per step,
+#      time and peak allocator memory, eager and torch.compile-d (--compile);
+#   2. dense vs slim DeiT-S throughput on CUDA, eager and torch.compile-d;
 #   3. a CUDA + AMP search killed with SIGKILL after a checkpoint, resumed, compared with an
 #      uninterrupted run; then retraining with AMP and evaluation of the slim model.
 #     bash benchmarks/gpu_check.sh [OUT_DIR]        (SKIP_STEP=1: skip part 1)
@@ -15,13 +16,16 @@ $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__ver
 
 if [ -z "${SKIP_STEP:-}" ]; then
   echo "== 1. search step vs plain step"
-  $PY benchmarks/bench_search_step.py --device cuda --amp
-  $PY benchmarks/bench_search_step.py --device cuda --amp --batch 256
-  $PY benchmarks/bench_search_step.py --device cuda
+  $PY benchmarks/bench_search_step.py --device cuda --amp --compile
+  $PY benchmarks/bench_search_step.py --device cuda --amp --batch 256 --compile --no-ops
+  $PY benchmarks/bench_search_step.py --device cuda --compile --no-ops
+  $PY benchmarks/bench_search_step.py --device cuda --batch 256 --compile --no-ops
+  $PY benchmarks/bench_search_step.py --device cuda --amp --recompute-norms --no-ops  # norm recompute on
 fi
 
 echo "== 2. dense vs slim DeiT-S"
 $PY benchmarks/bench_slim.py --device cuda --batch 256
+$PY benchmarks/bench_slim.py --device cuda --batch 256 --compile
 
 echo "== 3. CUDA + AMP search, SIGKILL, resume"
 S="search --data digits --device cuda --batch-size 64 --max-steps 60 --checkpoint-every 5 --log-every 5 --seed 2 --lr 1e-3 --mask-lr 1e-2"
@@ -47,3 +51,15 @@ $PY -m vitslim_core retrain "$OUTDIR/ref" --flops 0.5 --device cuda --epochs 2 -
   | tail -3 || echo "retrain FAILED"
 $PY -m vitslim_core eval "$OUTDIR/rt/best" --device cuda 2>&1 | tail -3 || echo "eval FAILED"
 $PY -m vitslim_core eval "$OUTDIR/rt/best" --device cpu 2>&1 | tail -1
+
+echo "== 4. --compile on CUDA: the search of part 3 compiled (bf16: close, not bitwise), then a compiled retrain"
+$PY -m vitslim_core $S --compile --out "$OUTDIR/compiled" >/dev/null || echo "compiled search FAILED"
+$PY - "$OUTDIR" <<'EOF'
+import sys
+from vitslim_core.run_folder import load_run
+a, _ = load_run(sys.argv[1] + "/ref"); b, _ = load_run(sys.argv[1] + "/compiled")
+d = max(float((x - y).abs().max()) for x, y in zip(a.attn + a.mlp + a.token, b.attn + b.mlp + b.token))
+print(f"compiled vs eager CUDA/AMP search: max |score difference| = {d:.3g}")
+EOF
+$PY -m vitslim_core retrain "$OUTDIR/ref" --flops 0.5 --device cuda --epochs 2 --batch-size 64 --compile \
+  --out "$OUTDIR/rt_compiled" | tail -3 || echo "compiled retrain FAILED"

@@ -123,11 +123,9 @@ def test_state_dict_keys_unchanged_except_slim_masks(vit, mode):
     H, d, L = spec.num_heads, spec.head_dim, spec.depth
     want_attn = {"head_dim": (H, d), "head": (H,), "uniform": (d,)}[mode]
     extra = {k: tuple(v.shape) for k, v in after.items() if k.startswith("slim_masks.")}
-    expected = {}
-    for l in range(L):
-        expected[f"slim_masks.attn.{l}.score"] = want_attn
-        expected[f"slim_masks.mlp.{l}.score"] = (spec.mlp_hidden,)
-        expected[f"slim_masks.token.{l}.score"] = (spec.num_patches,)
+    # one parameter per dimension holding every layer (per-layer views: masks.attn[l].score, ...)
+    expected = {"slim_masks.attn_scores": (L, *want_attn), "slim_masks.mlp_scores": (L, spec.mlp_hidden),
+                "slim_masks.token_scores": (L, spec.num_patches)}
     assert extra == expected
     # masks are parameters the optimizer can find by name
     names = {n for n, _ in model.named_parameters()}

@@ -244,7 +244,7 @@ class TaylorScorer(Scorer):
                 if fc1.bias is not None:
                     units = units + wg(fc1.bias)
                 mlp[l] += units
-                token[l] += masks.token[l].score.grad.detach().abs().double() / dm_draw
+                token[l] += masks.token_scores.grad[l].detach().abs().double() / dm_draw
         return _scores(like, list(attn), list(mlp), token_raw(token), {**self.describe(), "batches": len(batches)})
 
 

@@ -170,6 +170,8 @@ def _add_loop_args(p: argparse.ArgumentParser, epochs: int, lr: float, batch: in
     g.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default %(default)s)")
     _options(g, "device")
     g.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the trained model (falls back to eager where it cannot compile)")
     g.add_argument("--workers", type=_non_negative_int, default=0, help="data loader workers (default %(default)s)")
     g.add_argument("--log-every", type=_positive_int, default=10, help="history record every N steps")
     g.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
@@ -182,7 +184,7 @@ def _loop_kwargs(a: argparse.Namespace) -> dict[str, Any]:
                 schedule=a.schedule, min_lr_ratio=a.min_lr_ratio, warmup_epochs=a.warmup_epochs,
                 recipe=a.recipe, warmup_steps=a.warmup_steps, max_steps=a.max_steps, grad_clip=a.grad_clip, seed=a.seed,
                 device=a.device, amp=not a.no_amp, num_workers=a.workers, log_every=a.log_every,
-                checkpoint_every=a.checkpoint_every)
+                checkpoint_every=a.checkpoint_every, compile=a.compile)
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str | None) -> None:

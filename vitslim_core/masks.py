@@ -12,13 +12,16 @@ the model stays as it was:
 * tokens: ``norm1`` and ``norm2`` multiply their output at patch positions by the token value;
   prefix tokens (class, distillation, registers) are never masked.
 
-Folding the scores into the weights (and recomputing the cheap norm in backward) keeps a search step
-within a few percent of a plain fine-tuning step in time and activation memory: a multiplication
-after a layer would store one more activation tensor per mask.
+Folding the scores into the weights keeps a search step within a few percent of a plain fine-tuning
+step in time and activation memory: a multiplication after a layer would store one more activation
+tensor per mask. The scores of each dimension are one (L, ...) parameter, and the per-layer factors
+are computed once per forward of the model, so a step adds about 15 small operations per block
+(``benchmarks/bench_search_step.py`` counts them). The token-masked norms store their output for the
+token scores' gradient; ``add_masks(..., recompute_norms=True)`` recomputes it in backward instead.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import functools
 
@@ -41,58 +44,99 @@ def token_value(raw: torch.Tensor) -> torch.Tensor:
     return torch.tanh(raw) / TOKEN_SCALE
 
 
-class AttnScore(nn.Module):
+class _LayerScore:
+    """One layer's scores of one dimension: a view into the (L, ...) parameter of ``SlimMasks``.
+
+    Not an ``nn.Module`` (no state_dict keys of its own); ``score`` is a fresh view of the shared
+    parameter on every access, so in-place edits under ``no_grad`` write through to it.
+    """
+
+    kind = ""
+
+    def __init__(self, owner: "SlimMasks", layer: int) -> None:
+        self._owner, self.layer = owner, layer
+
+    @property
+    def score(self) -> torch.Tensor:
+        return getattr(self._owner, f"{self.kind}_scores")[self.layer]
+
+    def _step(self, key: str) -> torch.Tensor | None:
+        """This layer's per-step tensor, computed once for all layers at the model's forward (or None)."""
+        step = self._owner._step
+        return None if step is None else step[key][self.layer]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer={self.layer}, shape={tuple(self.score.shape)})"
+
+
+class AttnScore(_LayerScore):
     """Scores of one attention layer: (H, d) per head-dim, (H,) per head or (d,) shared by all heads."""
 
-    def __init__(self, num_heads: int, head_dim: int, mode: AttnMode = "head_dim") -> None:
-        super().__init__()
-        if mode not in ATTN_MODES:
-            raise VitSlimError(f"attention mask mode must be one of {', '.join(ATTN_MODES)}, got {mode!r}")
-        self.mode, self.num_heads, self.head_dim = mode, num_heads, head_dim
-        shape = {"head_dim": (num_heads, head_dim), "head": (num_heads,), "uniform": (head_dim,)}[mode]
-        self.score = nn.Parameter(torch.ones(shape))
+    kind = "attn"
+
+    @property
+    def mode(self) -> str:
+        return self._owner.attn_mode
+
+    @property
+    def num_heads(self) -> int:
+        return self._owner.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self._owner.head_dim
 
     def per_dim(self) -> torch.Tensor:
         """The score of every head-dim, (H, d)."""
-        s = self.score
-        if self.mode == "head":
-            return s[:, None].expand(self.num_heads, self.head_dim)
-        if self.mode == "uniform":
-            return s[None, :].expand(self.num_heads, self.head_dim)
-        return s
+        return _per_dim(self.score, self.mode, self.num_heads, self.head_dim)
+
+    def qkv_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scores of the qkv output rows as (3 H d, 1) for the weight and (3 H d,) for the bias."""
+        rows = self._step("qkv_rows")
+        if rows is None:
+            rows = self.per_dim().reshape(-1).repeat(3)  # (3 * H * d,), laid out as (3, H, d)
+            return rows[:, None], rows
+        return self._step("qkv_cols"), rows
 
     def l1(self) -> torch.Tensor:
         return self.score.abs().sum()
 
 
-class MlpScore(nn.Module):
+class MlpScore(_LayerScore):
     """Scores of one MLP layer's hidden units, (h,)."""
 
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.score = nn.Parameter(torch.ones(hidden))
+    kind = "mlp"
+
+    def fc2_mask(self) -> torch.Tensor:
+        """The scores of fc2's input columns, (1, h)."""
+        m = self._step("fc2")
+        return self.score[None, :] if m is None else m
 
     def l1(self) -> torch.Tensor:
         return self.score.abs().sum()
 
 
-class TokenScore(nn.Module):
+class TokenScore(_LayerScore):
     """Raw scores of one layer's patch positions, (M,).
 
     The mask value is tanh(raw) / tanh(3): the paper's tanh gate with its raw init of 3, scaled so
     the initial value is exactly 1 and fresh masks leave the model's logits unchanged.
     """
 
-    def __init__(self, num_patches: int, num_prefix: int) -> None:
-        super().__init__()
-        self.num_prefix = num_prefix
-        self.score = nn.Parameter(torch.full((num_patches,), TOKEN_INIT))
+    kind = "token"
+
+    @property
+    def num_prefix(self) -> int:
+        return self._owner.num_prefix
 
     def value(self) -> torch.Tensor:
         return token_value(self.score)
 
     def full(self) -> torch.Tensor:
-        """Mask over the whole sequence (prefix tokens at 1), (N, 1)."""
+        """Mask over the whole sequence (prefix tokens at 1), (N, 1) (or (1, N, 1) during a model forward)."""
+        m = self._step("token")
+        if m is not None:
+            return m
         v = self.value()
         return torch.cat([v.new_ones(self.num_prefix), v])[:, None]
 
@@ -100,45 +144,123 @@ class TokenScore(nn.Module):
         return self.value().abs().sum()
 
 
-class SlimMasks(nn.Module):
-    """All scores of a model: ``attn[l]``, ``mlp[l]``, ``token[l]``."""
+def _per_dim(s: torch.Tensor, mode: str, H: int, d: int) -> torch.Tensor:
+    """Scores as stored, (..., H, d) / (..., H) / (..., d), expanded to (..., H, d)."""
+    if mode == "head":
+        return s[..., None].expand(*s.shape, d)
+    if mode == "uniform":
+        return s[..., None, :].expand(*s.shape[:-1], H, d)
+    return s
 
-    def __init__(self, spec: ArchSpec, attn_mode: AttnMode = "head_dim") -> None:
+
+class SlimMasks(nn.Module):
+    """All scores of a model, one parameter per dimension holding every layer.
+
+    Parameters: ``attn_scores`` (L, H, d) / (L, H) / (L, d), ``mlp_scores`` (L, h), ``token_scores``
+    (L, M) raw. ``attn[l]``, ``mlp[l]``, ``token[l]`` are per-layer views with the accessors of the
+    per-layer score modules of earlier versions (whose state_dict keys ``attn.{l}.score`` still load).
+
+    One parameter per dimension keeps the step short: one l1 sum, one tanh over all token scores and
+    three optimizer updates per step instead of three per layer. At every forward of the model the
+    per-layer factors (qkv rows, fc2 columns, full token masks) are computed once for all layers and
+    split into views (``begin_step``); the masked layers read them until the forward ends.
+
+    Args:
+        spec: the architecture.
+        attn_mode: see ``add_masks``.
+        recompute_norms: recompute the token-masked norms in backward instead of storing their output
+            (less activation memory, more operations per step).
+    """
+
+    def __init__(self, spec: ArchSpec, attn_mode: AttnMode = "head_dim", recompute_norms: bool = False) -> None:
         super().__init__()
-        self.attn_mode = attn_mode
-        self.attn = nn.ModuleList(AttnScore(spec.num_heads, spec.head_dim, attn_mode) for _ in range(spec.depth))
-        self.mlp = nn.ModuleList(MlpScore(spec.mlp_hidden) for _ in range(spec.depth))
-        self.token = nn.ModuleList(TokenScore(spec.num_patches, spec.num_prefix_tokens) for _ in range(spec.depth))
+        if attn_mode not in ATTN_MODES:
+            raise VitSlimError(f"attention mask mode must be one of {', '.join(ATTN_MODES)}, got {attn_mode!r}")
+        L, H, d = spec.depth, spec.num_heads, spec.head_dim
+        self.attn_mode, self.num_heads, self.head_dim = attn_mode, H, d
+        self.num_prefix, self.depth, self.recompute_norms = spec.num_prefix_tokens, L, recompute_norms
+        shape = {"head_dim": (H, d), "head": (H,), "uniform": (d,)}[attn_mode]
+        self.attn_scores = nn.Parameter(torch.ones(L, *shape))
+        self.mlp_scores = nn.Parameter(torch.ones(L, spec.mlp_hidden))
+        self.token_scores = nn.Parameter(torch.full((L, spec.num_patches), TOKEN_INIT))
+        self.attn = tuple(AttnScore(self, l) for l in range(L))
+        self.mlp = tuple(MlpScore(self, l) for l in range(L))
+        self.token = tuple(TokenScore(self, l) for l in range(L))
+        self._step: dict[str, tuple[torch.Tensor, ...]] | None = None
+        self._l1_weights: tuple = (None, None)
+
+    def attn_per_dim(self) -> torch.Tensor:
+        """Every layer's score of every head-dim, (L, H, d)."""
+        return _per_dim(self.attn_scores, self.attn_mode, self.num_heads, self.head_dim)
+
+    def token_values(self) -> torch.Tensor:
+        """Token mask values of every layer, (L, M)."""
+        return token_value(self.token_scores)
 
     def l1_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sum of |score| over all layers for attention, MLP and tokens (|tanh(raw)| for tokens)."""
-        return (sum(m.l1() for m in self.attn), sum(m.l1() for m in self.mlp), sum(m.l1() for m in self.token))
+        return self.attn_scores.abs().sum(), self.mlp_scores.abs().sum(), self.token_values().abs().sum()
+
+    def l1_loss(self, w_attn: float, w_mlp: float, w_token: float) -> torch.Tensor:
+        """``w_attn * sum|attn| + w_mlp * sum|mlp| + w_token * sum|token value|`` in one weighted sum."""
+        terms = torch.stack([self.attn_scores.abs().sum(), self.mlp_scores.abs().sum(),
+                             torch.tanh(self.token_scores).abs().sum()])
+        key = (w_attn, w_mlp, w_token, terms.device, terms.dtype)
+        if self._l1_weights[0] != key:  # made once, not at every step
+            self._l1_weights = (key, terms.new_tensor([w_attn, w_mlp, w_token / TOKEN_SCALE]))
+        return terms @ self._l1_weights[1]
+
+    # ------------------------------------------------------------------ per-step factors
+    def step_factors(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        """What the masked layers multiply by, for all layers at once, split into per-layer views."""
+        L = self.depth
+        rows = self.attn_per_dim().reshape(L, -1).repeat(1, 3)  # (L, 3 H d), laid out as (3, H, d)
+        v = F.pad(self.token_values(), (self.num_prefix, 0), value=1.0)  # (L, N): prefix tokens at 1
+        # shapes as the masked layers broadcast them, so that their gradients need no reshape
+        return {"qkv_rows": rows.unbind(0), "qkv_cols": rows.view(L, -1, 1).unbind(0),
+                "fc2": self.mlp_scores.view(L, 1, -1).unbind(0), "token": v.view(L, 1, -1, 1).unbind(0)}
+
+    def begin_step(self, *_: Any) -> None:
+        """Forward pre-hook of the model: compute the factors of this forward once."""
+        self._step = self.step_factors()
+
+    def end_step(self, *_: Any) -> None:
+        """Forward hook of the model (also after an error): layers called on their own compute their own."""
+        self._step = None
+
+    # ------------------------------------------------------------------ state_dict of earlier versions
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for kind in ("attn", "mlp", "token"):
+            old = [f"{prefix}{kind}.{l}.score" for l in range(self.depth)]
+            if f"{prefix}{kind}_scores" not in state_dict and all(k in state_dict for k in old):
+                state_dict[f"{prefix}{kind}_scores"] = torch.stack([state_dict.pop(k) for k in old])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class _RowMaskedLinear(nn.Linear):
     """qkv with per-output scores: ``(x W^T + b) * m`` computed as ``x (W*m)^T + b*m``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self._vitslim_score.per_dim().reshape(-1).repeat(3)  # (3 * H * d,), laid out as (3, H, d)
-        bias = None if self.bias is None else self.bias * m
-        return F.linear(x, self.weight * m[:, None], bias)
+        cols, rows = self._vitslim_score.qkv_masks()  # (3 H d, 1), (3 H d,)
+        bias = None if self.bias is None else self.bias * rows
+        return F.linear(x, self.weight * cols, bias)
 
 
 class _ColMaskedLinear(nn.Linear):
     """fc2 whose input units are scaled by the MLP scores: ``(a * m) W^T + b``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight * self._vitslim_score.score[None, :], self.bias)
+        return F.linear(x, self.weight * self._vitslim_score.fc2_mask(), self.bias)
 
 
 def _token_scaled(module: nn.Module, base_forward, x: torch.Tensor) -> torch.Tensor:
     s = module._vitslim_score
-    if x.shape[1] != s.num_prefix + s.score.shape[0]:
+    mask = s.full()  # (N, 1) or (1, N, 1)
+    if x.shape[1] != mask.shape[-2]:
         raise VitSlimError(
-            f"token masks were made for {s.num_prefix}+{s.score.shape[0]} tokens, the input has "
+            f"token masks were made for {s.num_prefix}+{mask.shape[-2] - s.num_prefix} tokens, the input has "
             f"{x.shape[1]} (is the image size different from the one the masks were made for?)")
-    mask = s.full()  # (N, 1)
-    if torch.is_grad_enabled() and x.requires_grad:
+    if s._owner.recompute_norms and torch.is_grad_enabled() and x.requires_grad:
         # recompute the norm in backward instead of storing its unmasked output
         return checkpoint(lambda t, m: base_forward(module, t) * m, x, mask, use_reentrant=False)
     return base_forward(module, x) * mask
@@ -176,12 +298,14 @@ def get_masks(model: nn.Module) -> SlimMasks | None:
     return m if isinstance(m, SlimMasks) else None
 
 
-def add_masks(model: nn.Module, attn: AttnMode = "head_dim") -> nn.Module:
+def add_masks(model: nn.Module, attn: AttnMode = "head_dim", recompute_norms: bool = False) -> nn.Module:
     """Attach learnable score masks (all kept: 1.0, tokens tanh(3)) to a timm ViT, in place.
 
     Args:
         model: a timm VisionTransformer or VisionTransformerDistilled.
         attn: "head_dim" (H x d scores, the paper's default), "head" (H) or "uniform" (d).
+        recompute_norms: recompute the token-masked norm outputs in backward instead of storing them
+            (two activations of (B, N, C) less per block, about 10 more operations per block and step).
 
     Returns:
         The same model, with ``model.slim_masks`` holding the scores.
@@ -190,14 +314,24 @@ def add_masks(model: nn.Module, attn: AttnMode = "head_dim") -> nn.Module:
         raise VitSlimError("the model already has masks; call remove_masks(model) first")
     spec = arch_spec(model)
     ref = next(model.parameters())
-    masks = SlimMasks(spec, attn).to(device=ref.device, dtype=ref.dtype)
+    masks = SlimMasks(spec, attn, recompute_norms).to(device=ref.device, dtype=ref.dtype)
     for l, blk in enumerate(model.blocks):
         _swap(blk.attn.qkv, _RowMaskedLinear, masks.attn[l])
         _swap(blk.mlp.fc2, _ColMaskedLinear, masks.mlp[l])
         _swap(blk.norm1, _masked_norm_class(type(blk.norm1)), masks.token[l])
         _swap(blk.norm2, _masked_norm_class(type(blk.norm2)), masks.token[l])
     model.slim_masks = masks
+    # the per-layer factors are computed once per forward of the whole model (not kept beyond it)
+    model.register_forward_pre_hook(masks.begin_step)
+    model.register_forward_hook(masks.end_step, always_call=True)
     return model
+
+
+def _remove_step_hooks(model: nn.Module, masks: SlimMasks) -> None:
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, fn in hooks.items() if getattr(fn, "__self__", None) is masks]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
 
 
 def remove_masks(model: nn.Module) -> nn.Module:
@@ -207,6 +341,8 @@ def remove_masks(model: nn.Module) -> nn.Module:
         return model
     for mod in _masked_modules(model):
         _unswap(mod)
+    _remove_step_hooks(model, masks)
+    masks.end_step()
     del model.slim_masks
     return model
 

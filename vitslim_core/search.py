@@ -164,8 +164,7 @@ def search(cfg: SearchConfig | None = None, *, resume: bool = False,
         masks = get_masks(model)
         frozen = {"attn": not cfg.search_attn, "mlp": not cfg.search_mlp, "token": not cfg.search_token}
         for kind, off in frozen.items():
-            for m in getattr(masks, kind):
-                m.score.requires_grad_(not off)
+            getattr(masks, f"{kind}_scores").requires_grad_(not off)
         model.to(di.device)
         trainable = None
         if cfg.masks_only:
@@ -207,8 +206,7 @@ def _search_step(masks, cfg: SearchConfig, teacher: nn.Module | None, num_classe
             with torch.no_grad():
                 t_logits = teacher(x_in)
             task = (1 - cfg.distill_alpha) * task + cfg.distill_alpha * distill_loss(logits, t_logits, cfg.distill_tau)
-        la, lm, lt = masks.l1_terms()
-        loss = task + w[0] * la + w[1] * lm + w[2] * lt
+        loss = task + masks.l1_loss(*w)
         with torch.no_grad():
             logs = {"task_loss": float(task.detach()), **logs, **alive_fractions(masks)}
         return loss, logs
@@ -217,8 +215,7 @@ def _search_step(masks, cfg: SearchConfig, teacher: nn.Module | None, num_classe
 
 @torch.no_grad()
 def alive_fractions(masks) -> dict[str, float]:
-    """Fraction of units per dimension whose |mask value| >= ALIVE."""
-    a = torch.cat([m.per_dim().reshape(-1) for m in masks.attn])
-    m = torch.cat([s.score for s in masks.mlp])
-    t = torch.cat([s.value() for s in masks.token])
-    return {k: float((v.abs() >= ALIVE).float().mean()) for k, v in (("attn", a), ("mlp", m), ("token", t))}
+    """Fraction of units per dimension whose |mask value| >= ALIVE (one device-to-host copy)."""
+    fr = torch.stack([(v.abs() >= ALIVE).float().mean()
+                      for v in (masks.attn_per_dim(), masks.mlp_scores, masks.token_values())]).tolist()
+    return dict(zip(("attn", "mlp", "token"), fr))

@@ -224,6 +224,109 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                            f"({type(e).__name__})") from None
 
 
+def strip_compile_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    """State dict keys of a ``torch.compile``-d module (``_orig_mod.`` prefix) as the plain module's."""
+    pre = "_orig_mod."
+    return {(k[len(pre):] if k.startswith(pre) else k): v for k, v in state.items()}
+
+
+def upgrade_optimizer_state(saved: dict[str, Any], opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer state of a checkpoint written before the scores of each dimension became one
+    parameter: its "masks" group holds one parameter per layer and dimension (k * L) where the optimizer
+    now has one per dimension (k); the per-layer moments are stacked, in the same order as the scores."""
+    groups = saved.get("param_groups", [])
+    if len(groups) != len(opt.param_groups) or all(
+            len(g["params"]) == len(h["params"]) for g, h in zip(groups, opt.param_groups)):
+        return saved
+    state, new_state, new_groups, nxt = saved.get("state", {}), {}, [], 0
+    for g, h in zip(groups, opt.param_groups):
+        old, n = list(g["params"]), len(h["params"])
+        if len(old) != n:
+            if g.get("name") != "masks" or n == 0 or len(old) % n:
+                return saved  # not ours to fix: load_state_dict says why it does not fit
+            L = len(old) // n
+            chunks = [old[i * L:(i + 1) * L] for i in range(n)]
+        else:
+            chunks = [[i] for i in old]
+        ids = []
+        for chunk in chunks:
+            parts = [state[i] for i in chunk if i in state]
+            if len(parts) == len(chunk) and parts:
+                new_state[nxt] = {k: (torch.stack([p[k] for p in parts]) if len(chunk) > 1 and p0.ndim > 0
+                                      else p0.clone()) for k, p0 in parts[0].items()}
+            ids.append(nxt)
+            nxt += 1
+        new_groups.append({**g, "params": ids})
+    return {"state": new_state, "param_groups": new_groups}
+
+
+class CompiledModel(nn.Module):
+    """``torch.compile`` of a whole model call, its forward hooks included (the masks' per-step factors
+    then join the model's graph instead of becoming a graph of their own).
+
+    The compiled module shares the model's parameters; it is only called, never saved (its state_dict
+    keys carry ``_orig_mod.``, as torch's own compiled modules do; ``strip_compile_prefix`` removes it).
+    When the first call cannot compile, one warning says so and the model runs eagerly.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._orig_mod = model
+        self._compiled = torch.compile(lambda *a, **k: model(*a, **k))
+        self._failed = False
+        self._first = True
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._failed:
+            return self._orig_mod(*args, **kwargs)
+        if not self._first:
+            return self._compiled(*args, **kwargs)
+        try:
+            out = self._compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: run eagerly, say so once
+            import warnings
+            self._failed = True
+            warnings.warn(f"--compile: torch.compile failed on this platform ({_first_line(e)}); running eagerly",
+                          RuntimeWarning, stacklevel=2)
+            return self._orig_mod(*args, **kwargs)
+        self._first = False
+        return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0][:120] if text else type(e).__name__)
+
+
+def compile_problem(device: torch.device | str = "cpu") -> str | None:
+    """Why torch.compile cannot work here, or None (checked before training, so the fallback is clean)."""
+    import shutil
+    try:
+        import torch._dynamo as dynamo
+        if not dynamo.is_dynamo_supported():
+            return "TorchDynamo does not support this Python"
+    except Exception as e:  # noqa: BLE001
+        return f"torch._dynamo is unavailable ({_first_line(e)})"
+    if torch.device(device).type == "cuda":
+        from torch.utils._triton import has_triton
+        if not has_triton():
+            return "Triton is not installed"
+    elif not any(shutil.which(c) for c in ("g++", "c++", "clang++", "cl")):
+        return "no C++ compiler (inductor needs one on CPU)"
+    return None
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """``CompiledModel(model)``, or ``model`` itself (with one warning) where this platform cannot compile."""
+    device = next(model.parameters()).device
+    problem = compile_problem(device)
+    if problem is not None:
+        import warnings
+        warnings.warn(f"--compile: {problem}; running eagerly", RuntimeWarning, stacklevel=2)
+        return model
+    return CompiledModel(model)
+
+
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128, device: str | torch.device = "cpu",
@@ -294,6 +397,7 @@ class LoopConfig:
     log_every: int = 10
     checkpoint_every: int = 0
     eval_batch_size: int = 128
+    compile: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -332,7 +436,10 @@ def run_loop(model: nn.Module, step_fn: StepFn, train_set: Dataset, test_set: Da
     raw = model
     if di.ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[di.device.index] if di.device.type == "cuda" else None)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+    if cfg.compile:
+        model = compile_model(model)
+    # foreach: one multi-tensor kernel per update rule instead of ~10 ops per parameter (also on CPU)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), foreach=True)
     spe = steps_per_epoch(len(train_set), cfg.batch_size)
     total = cfg.epochs * spe if cfg.max_steps <= 0 else min(cfg.max_steps, cfg.epochs * spe)
     warmup = cfg.warmup_steps + int(round(cfg.warmup_epochs * spe))
@@ -347,8 +454,8 @@ def run_loop(model: nn.Module, step_fn: StepFn, train_set: Dataset, test_set: Da
     if resume:
         st = load_checkpoint(ckpt_path)
         try:
-            raw.load_state_dict(st["model"], strict=True)
-            opt.load_state_dict(st["optimizer"])
+            raw.load_state_dict(strip_compile_prefix(st["model"]), strict=True)
+            opt.load_state_dict(upgrade_optimizer_state(st["optimizer"], opt))
         except (RuntimeError, ValueError, KeyError) as e:
             raise VitSlimError(f"checkpoint {ckpt_path} does not fit this model/config ({str(e).splitlines()[0][:100]})") from None
         scaler.load_state_dict(st.get("scaler", {})) if st.get("scaler") else None
