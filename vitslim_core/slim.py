@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.nn.utils import skip_init
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import families
 from .errors import BudgetError, PlanMismatchError, ScoreFileError, VitSlimError
 from .io import atomic_dir, read_json
 from .masks import get_masks, remove_masks
@@ -273,6 +274,8 @@ def slim_attention(attn: nn.Module, keep: np.ndarray, fold: torch.Tensor | None 
 
 def slim_mlp(mlp: nn.Module, keep: np.ndarray, fold: torch.Tensor | None = None) -> SlimMlp:
     """Slice a timm Mlp to the kept hidden units; ``fold`` scores multiply the activation output."""
+    if families.is_glu(mlp):  # GluMlp / SwiGLU: gate and value rows of a unit go together
+        return families.slim_glu_mlp(mlp, keep, fold)
     dev = mlp.fc1.weight.device
     idx = torch.as_tensor(np.flatnonzero(keep), device=dev)
     col_scale = fold.detach().to(dev).index_select(0, idx) if fold is not None else None
@@ -398,7 +401,7 @@ class HardMaskedViT(nn.Module):
         return attn.proj(x.transpose(1, 2).reshape(B, N, H * d))
 
     def _mlp(self, mlp: nn.Module, x: torch.Tensor, l: int) -> torch.Tensor:
-        return mlp.fc2(mlp.act(mlp.fc1(x)) * self.mlp_mult[l])
+        return mlp.fc2(families.mlp_hidden(mlp, x) * self.mlp_mult[l])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model

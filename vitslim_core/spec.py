@@ -8,6 +8,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from . import families
 from .errors import PlanMismatchError, UnsupportedModelError
 
 
@@ -32,6 +33,10 @@ class ArchSpec:
         norm1_params, norm2_params: parameters of one norm1 / norm2 layer.
         ls_params: parameters of one LayerScale (0 when absent).
         dense_params: parameter count of the whole dense model.
+        mlp_glu: the MLP is gated (GluMlp / SwiGLU): fc1 has a gate and a value row per hidden unit.
+        pool_token_macs, pool_fixed_macs: MACs of an attention-pool head (``global_pool='map'``) per token
+            that reaches it and in total otherwise (0 without one).
+        pool_prefix: the attention-pool head reads the prefix tokens too (timm's ``pool_include_prefix``).
         model_name / model_kwargs: how to rebuild it with ``vitslim_core.models``.
     """
 
@@ -55,6 +60,10 @@ class ArchSpec:
     norm2_params: int
     ls_params: int
     dense_params: int
+    mlp_glu: bool = False
+    pool_token_macs: int = 0
+    pool_fixed_macs: int = 0
+    pool_prefix: bool = True
     model_name: str = ""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -86,7 +95,7 @@ class ArchSpec:
         if not isinstance(d, dict):
             raise error("architecture description is not a mapping")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = [n for n in names if n not in d and n not in ("model_name", "model_kwargs")]
+        missing = [n for n in names if n not in d and n not in _OPTIONAL]
         if missing:
             raise error(f"architecture description lacks {', '.join(sorted(missing))}")
         kw: dict[str, Any] = {}
@@ -99,7 +108,7 @@ class ArchSpec:
                     v = tuple(_strict_int(x) for x in v)
                     if len(v) != 2 or min(v) < 1:
                         raise ValueError(f"{f.name} must be two positive integers")
-                elif f.name in ("qkv_bias", "proj_bias", "fc1_bias", "fc2_bias"):
+                elif f.name in ("qkv_bias", "proj_bias", "fc1_bias", "fc2_bias", "mlp_glu", "pool_prefix"):
                     if not isinstance(v, bool):
                         raise ValueError(f"{f.name} must be true or false")
                 elif f.name == "global_pool" or f.name == "model_name":
@@ -138,12 +147,15 @@ class ArchSpec:
                 f"but the model is {_describe(self)}")
 
 
+# Fields added after format version 1 was fixed: files without them describe plain models (defaults).
+_OPTIONAL = ("model_name", "model_kwargs", "mlp_glu", "pool_token_macs", "pool_fixed_macs", "pool_prefix")
+
 # Upper bounds of a description read from a file (ViT-g/14 at 518 px is far inside them): a damaged or
 # hostile header must not make plans allocate or compute for absurd sizes.
 _LIMITS = {"depth": 1024, "embed_dim": 1 << 16, "num_heads": 1024, "head_dim": 4096, "mlp_hidden": 1 << 18,
            "num_prefix_tokens": 1024, "grid": 1024, "patch_size": 1024, "in_chans": 64, "num_classes": 1 << 20,
            "num_out_heads": 2, "norm1_params": 1 << 40, "norm2_params": 1 << 40, "ls_params": 1 << 40,
-           "dense_params": 1 << 40}
+           "dense_params": 1 << 40, "pool_token_macs": 1 << 40, "pool_fixed_macs": 1 << 50}
 MAX_UNITS = 1 << 24  # per dimension, over all layers
 
 
@@ -249,12 +261,18 @@ def recipe_problem(spec: ArchSpec, kwargs: Any) -> str | None:
     ratio = kwargs.get("mlp_ratio")
     if ratio is not None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) \
-                or int(spec.embed_dim * ratio) != spec.mlp_hidden:
+                or spec.mlp_hidden not in _hidden_widths(spec, ratio):
             return f"model kwargs say mlp_ratio={ratio!r} but the MLP width is {spec.mlp_hidden}"
     reg = kwargs.get("reg_tokens")
     if reg is not None and (isinstance(reg, bool) or not isinstance(reg, int) or not 0 <= reg <= spec.num_prefix_tokens):
         return f"model kwargs say reg_tokens={reg!r} but the model has {spec.num_prefix_tokens} prefix tokens"
     return None
+
+
+def _hidden_widths(spec: ArchSpec, ratio: float) -> tuple[int, ...]:
+    """MLP widths an mlp_ratio can give: C * ratio, or half of it for a packed GluMlp (gate + value rows)."""
+    h = int(spec.embed_dim * ratio)
+    return (h, h // 2) if spec.mlp_glu else (h,)
 
 
 def _strict_int(v: Any) -> int:
@@ -279,7 +297,6 @@ def _base_type(module: nn.Module) -> type:
 
 def check_supported(model: nn.Module) -> None:
     """Raise UnsupportedModelError naming the first part ViT-Slim cannot handle."""
-    from timm.layers import Mlp
     from timm.layers.attention import Attention
     from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -287,8 +304,11 @@ def check_supported(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"{type(model).__name__} is not a timm VisionTransformer "
             "(ViT-Slim supports ViT/DeiT-style models: plain blocks, standard attention, GELU MLP)")
-    if getattr(model, "attn_pool", None) is not None:
-        raise UnsupportedModelError("attention-pool head (global_pool='map') is not supported")
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None:  # kept dense (families.py)
+        problem = families.attn_pool_problem(pool)
+        if problem:
+            raise UnsupportedModelError(problem)
     if getattr(model, "dynamic_img_size", False):
         raise UnsupportedModelError("dynamic_img_size=True is not supported: token masks need a fixed patch grid")
     if not isinstance(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
@@ -311,13 +331,12 @@ def check_supported(model: nn.Module) -> None:
         if _base_type(a.qkv) is not nn.Linear or _base_type(a.proj) is not nn.Linear:
             raise UnsupportedModelError(f"block {i} attention projections are not plain nn.Linear layers")
         m = blk.mlp
-        if type(m) is not Mlp:
+        if type(m) not in families.mlp_classes():  # Mlp, GluMlp, SwiGLU (families.py)
             raise UnsupportedModelError(
-                f"block {i} MLP is {type(m).__name__} (SwiGLU/GLU MLPs are not supported, only timm Mlp)")
-        if not isinstance(m.norm, nn.Identity):
-            raise UnsupportedModelError(f"block {i} MLP has a hidden norm (scale_mlp_norm is not supported)")
-        if getattr(m, "use_conv", False) or _base_type(m.fc1) is not nn.Linear or _base_type(m.fc2) is not nn.Linear:
-            raise UnsupportedModelError(f"block {i} MLP layers are not plain nn.Linear layers")
+                f"block {i} MLP is {type(m).__name__} (supported: timm Mlp, GluMlp, SwiGLU)")
+        problem = families.mlp_problem(m)
+        if problem:
+            raise UnsupportedModelError(f"block {i} MLP {type(m).__name__} {problem}")
 
 
 def arch_spec(model: nn.Module, model_name: str = "", model_kwargs: dict | None = None) -> ArchSpec:
@@ -325,7 +344,7 @@ def arch_spec(model: nn.Module, model_name: str = "", model_kwargs: dict | None 
     check_supported(model)
     blk0 = model.blocks[0]
     a, m = blk0.attn, blk0.mlp
-    shapes = {(b.attn.num_heads, b.attn.head_dim, b.mlp.fc1.out_features) for b in model.blocks}
+    shapes = {(b.attn.num_heads, b.attn.head_dim, b.mlp.fc2.in_features, type(b.mlp)) for b in model.blocks}
     if len(shapes) != 1:
         raise UnsupportedModelError("blocks of different widths are not supported")
     pe = model.patch_embed
@@ -333,12 +352,13 @@ def arch_spec(model: nn.Module, model_name: str = "", model_kwargs: dict | None 
     num_classes = int(getattr(model, "num_classes", 0))
     masks_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("slim_masks."))
     ls = blk0.ls1
+    pool_macs = families.attn_pool_macs(getattr(model, "attn_pool", None))
     return ArchSpec(
         depth=len(model.blocks),
         embed_dim=int(model.embed_dim),
         num_heads=int(a.num_heads),
         head_dim=int(a.head_dim),
-        mlp_hidden=int(m.fc1.out_features),
+        mlp_hidden=int(m.fc2.in_features),
         num_prefix_tokens=int(model.num_prefix_tokens),
         grid=tuple(int(g) for g in pe.grid_size),
         patch_size=tuple(int(p) for p in pe.proj.kernel_size),
@@ -348,12 +368,16 @@ def arch_spec(model: nn.Module, model_name: str = "", model_kwargs: dict | None 
         global_pool=str(model.global_pool),
         qkv_bias=a.qkv.bias is not None,
         proj_bias=a.proj.bias is not None,
-        fc1_bias=m.fc1.bias is not None,
+        fc1_bias=families.fc1_has_bias(m),
         fc2_bias=m.fc2.bias is not None,
         norm1_params=_numel(blk0.norm1),
         norm2_params=_numel(blk0.norm2),
         ls_params=0 if isinstance(ls, nn.Identity) else _numel(ls),
         dense_params=_numel(model) - masks_params,
+        mlp_glu=families.is_glu(m),
+        pool_token_macs=pool_macs[0],
+        pool_fixed_macs=pool_macs[1],
+        pool_prefix=bool(getattr(model, "pool_include_prefix", True)),
         model_name=model_name,
         model_kwargs=dict(model_kwargs or {}),
     )
