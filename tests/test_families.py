@@ -213,8 +213,8 @@ def test_old_plan_files_without_the_new_fields_still_load():
 
 
 @pytest.mark.parametrize("name,part", [
-    ("vit_small_patch16_rope_224", "Eva"), ("beit_base_patch16_224", "Beit"),
-    ("vit_relpos_small_patch16_224", "VisionTransformerRelPos"), ("samvit_base_patch16", "VisionTransformerSAM"),
+    ("vit_small_patch16_rope_224", "rotary"), ("beit_base_patch16_224", "relative position bias"),
+    ("vit_relpos_small_patch16_224", "RelPosAttention"), ("samvit_base_patch16", "windowed attention"),
     ("vit_base_patch16_rpn_224", "ResPostBlock"), ("vit_base_mci_224", "HybridEmbed"),
 ])
 def test_still_refused_families_name_the_part(name, part, one_line):

@@ -20,7 +20,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-GLU_CLASSES = ("GluMlp", "SwiGLU")
+# timm ViT classes outside VisionTransformer and the part of each that has no masks/slimming yet
+UNSUPPORTED_CLASSES = {
+    "Eva": "EVA-style blocks (EvaAttention/AttentionRope with rotary position embeddings, separate q/v biases, "
+           "sub-LN SwiGLU MLPs, gamma layer scale)",
+    "Beit": "BEiT relative position bias (per-block bias table) with separate q/v biases",
+    "VisionTransformerRelPos": "relative position bias/MLP attention (RelPosAttention)",
+    "VisionTransformerSAM": "SAM windowed attention with decomposed relative positions and a conv neck",
+    "NaFlexVit": "NaFlex variable-resolution patch embedding and masked attention",
+}
 
 
 def mlp_classes() -> tuple[type, ...]:

@@ -301,9 +301,12 @@ def check_supported(model: nn.Module) -> None:
     from timm.models.vision_transformer import Block, VisionTransformer
 
     if not isinstance(model, VisionTransformer):
+        part = families.UNSUPPORTED_CLASSES.get(type(model).__name__)
+        if part:
+            raise UnsupportedModelError(f"{type(model).__name__}: {part} is not supported yet")
         raise UnsupportedModelError(
             f"{type(model).__name__} is not a timm VisionTransformer "
-            "(ViT-Slim supports ViT/DeiT-style models: plain blocks, standard attention, GELU MLP)")
+            "(ViT-Slim supports ViT/DeiT-style models: plain blocks, standard attention, plain or gated MLP)")
     pool = getattr(model, "attn_pool", None)
     if pool is not None:  # kept dense (families.py)
         problem = families.attn_pool_problem(pool)
