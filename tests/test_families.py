@@ -213,7 +213,7 @@ def test_old_plan_files_without_the_new_fields_still_load():
 
 
 @pytest.mark.parametrize("name,part", [
-    ("vit_small_patch16_rope_224", "rotary"), ("beit_base_patch16_224", "relative position bias"),
+    ("eva02_enormous_patch14_clip_224", "post-norm"), ("beit_base_patch16_224", "relative position bias"),
     ("vit_relpos_small_patch16_224", "RelPosAttention"), ("samvit_base_patch16", "windowed attention"),
     ("vit_base_patch16_rpn_224", "ResPostBlock"), ("vit_base_mci_224", "HybridEmbed"),
 ])
@@ -225,3 +225,124 @@ def test_still_refused_families_name_the_part(name, part, one_line):
     one_line(e.value)
     assert part.lower() in str(e.value).lower()
     remove_masks(model)
+
+
+# ====================================================================== timm Eva (EVA02, rope ViTs, DINOv3, PE)
+EVA = {
+    "eva02_glu_rope": ("eva02_small_patch14_224", dict(img_size=28, patch_size=7, **SMALL), 28),
+    "rope_reg_gap": ("vit_base_patch16_rope_reg1_gap_256", dict(img_size=32, patch_size=8, **SMALL), 32),
+    "rope_mixed": ("vit_small_patch16_rope_mixed_224", dict(img_size=32, patch_size=8, **SMALL), 32),
+    "dinov3_swiglu": ("vit_small_plus_patch16_dinov3", dict(img_size=32, patch_size=8, **SMALL), 32),
+    "pe_core_map": ("vit_pe_core_tiny_patch16_384", dict(img_size=32, patch_size=8, **SMALL), 32),
+    "eva_norope": ("eva_giant_patch14_224", dict(img_size=28, patch_size=7, **SMALL), 28),
+}
+MODELS.update(EVA)
+
+
+def whole_heads(plan: SlimPlan) -> SlimPlan:
+    return SlimPlan(plan.spec, np.repeat(plan.attn.any(2, keepdims=True), plan.spec.head_dim, 2), plan.mlp, plan.token)
+
+
+@pytest.mark.parametrize("key", list(EVA))
+@pytest.mark.parametrize("fused", [True, False])
+def test_eva_invariants(key, fused):
+    """Invariants 1-4 on timm Eva: fresh masks change nothing, a full plan changes nothing, the slim model
+    equals binary masks (ragged heads where there is no rope, dropped tokens with their rope rows, empty
+    branches) and the cost model matches FlopCounterMode and the parameter count."""
+    m = make(key, fused)
+    x = image(key)
+    spec = arch_spec(m)
+    assert spec.family == "eva" and spec.head_only == (m.rope is not None)
+    with torch.no_grad():
+        dense = m(x)
+        masked = add_masks(copy.deepcopy(m))
+        assert max_diff(masked(x), dense) < 1e-5
+    assert masked.slim_masks.attn_mode == ("head" if spec.head_only else "head_dim")
+    full = slim_model(m, SlimPlan.full(spec))
+    with torch.no_grad():
+        assert max_diff(full(x), dense) < 1e-5
+    check_cost(full, x)
+    assert count_cost(full).params == sum(p.numel() for p in m.parameters())
+    rng = np.random.default_rng(zlib.crc32(key.encode()))
+    for masks, drop_branches, few_tokens in [(None, True, True), ("model", True, False), ("model", False, True)]:
+        mm = copy.deepcopy(m)
+        if masks:
+            add_masks(mm)
+            randomize_masks(mm)
+        plan = random_plan(spec, rng, drop_branches=drop_branches, few_tokens=few_tokens)
+        if spec.head_only:
+            plan = whole_heads(plan)
+        slim = slim_model(mm, plan)
+        with torch.no_grad():
+            out, want = slim(x), apply_hard_masks(mm, plan)(x)
+        assert max_diff(out, want) < TOL, (key, fused, masks)
+        assert max_diff(out, dense) > 1e-3
+        check_cost(slim, x)
+
+
+@pytest.mark.parametrize("key", ["eva02_glu_rope", "eva_norope"])
+def test_eva_masked_forward_uses_the_scores(key):
+    """The masked model with random attention/MLP scores (tokens all kept) equals the binary-mask
+    reference of the full plan with those scores folded in: the scores really act on q/k/v and fc2."""
+    m = add_masks(make(key))
+    randomize_masks(m)
+    with torch.no_grad():
+        for t in m.slim_masks.token:
+            t.score.fill_(3.0)
+    x = image(key)
+    with torch.no_grad():
+        plain = remove_masks(copy.deepcopy(m))(x)
+        got, want = m(x), apply_hard_masks(m, SlimPlan.full(arch_spec(m)))(x)
+    assert max_diff(got, want) < TOL and max_diff(got, plain) > 1e-3
+
+
+def test_rope_models_prune_whole_heads(one_line):
+    from vitslim_core import PlanMismatchError, VitSlimError
+    m = make("eva02_glu_rope")
+    with pytest.raises(VitSlimError) as e:
+        add_masks(copy.deepcopy(m), attn="head_dim")
+    one_line(e.value)
+    spec = arch_spec(m)
+    attn = np.ones((spec.depth, spec.num_heads, spec.head_dim), bool)
+    attn[0, 0, 0] = False
+    plan = SlimPlan(spec, attn, np.ones((spec.depth, spec.mlp_hidden), bool), np.ones((spec.depth, spec.num_patches), bool))
+    with pytest.raises(PlanMismatchError, match="whole heads"):
+        slim_model(m, plan)
+
+
+def test_eva_search_scores_plan_and_save_load(tmp_path):
+    """MaskScores -> plan_for_flops -> slim -> save/load for a real EVA02 name (invariant 6)."""
+    name, kw, _ = EVA["eva02_glu_rope"]
+    m = add_masks(make("eva02_glu_rope"))
+    randomize_masks(m)
+    scores = MaskScores.from_model(m, meta={"model": {"name": name, "kwargs": kw}})
+    scores = MaskScores.load(scores.save(tmp_path / "scores.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = plan_for_flops(scores, 0.6)
+    assert plan.spec.head_only and plan.attn.all(2).sum() == plan.attn.any(2).sum()
+    slim = slim_model(m, plan)
+    x = image("eva02_glu_rope")
+    with torch.no_grad():
+        assert max_diff(slim(x), apply_hard_masks(m, plan)(x)) < TOL
+    check_cost(slim, x)
+    out = save_slim(slim, tmp_path / "slim")
+    loaded = load_slim(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), slim.eval()(x))
+    assert count_cost(loaded) == count_cost(slim) and count_cost(slim).macs == plan.macs
+
+
+def test_eva_slim_model_trains_and_exports(tmp_path):
+    from vitslim_core.export import export_program
+    m = make("rope_mixed")
+    spec = arch_spec(m, model_name=EVA["rope_mixed"][0], model_kwargs=EVA["rope_mixed"][1])
+    slim = slim_model(m, whole_heads(random_plan(spec, np.random.default_rng(1), drop_branches=False))).train()
+    out = slim(image("rope_mixed"))
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in slim.parameters() if p.requires_grad and p.numel() > 0)
+    slim.eval()
+    program = torch.export.load(str(export_program(slim, tmp_path / "slim.pt2")))
+    x = image("rope_mixed", batch=3)
+    with torch.no_grad():
+        assert max_diff(program.module()(x), slim(x)) < 1e-5

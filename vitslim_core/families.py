@@ -16,14 +16,14 @@ sub-LN MLPs...) is refused by ``spec.check_supported`` with the part it cannot h
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn as nn
 
 # timm ViT classes outside VisionTransformer and the part of each that has no masks/slimming yet
 UNSUPPORTED_CLASSES = {
-    "Eva": "EVA-style blocks (EvaAttention/AttentionRope with rotary position embeddings, separate q/v biases, "
-           "sub-LN SwiGLU MLPs, gamma layer scale)",
     "Beit": "BEiT relative position bias (per-block bias table) with separate q/v biases",
     "VisionTransformerRelPos": "relative position bias/MLP attention (RelPosAttention)",
     "VisionTransformerSAM": "SAM windowed attention with decomposed relative positions and a conv neck",
@@ -153,3 +153,352 @@ def attn_pool_macs(pool: nn.Module | None) -> tuple[int, int]:
     if getattr(pool, "mlp", None) is not None:
         fixed += lat * sum(m.in_features * m.out_features for m in pool.mlp.modules() if isinstance(m, nn.Linear))
     return int(per_token), int(fixed)
+
+
+# ====================================================================== EVA-style models (timm ``Eva``)
+# EvaBlock with EvaAttention or AttentionRope: rotary position embeddings (rope) on the patch tokens,
+# q/k/v biases in any layout (EVA's q and v biases with a zero k bias, or a biased qkv), gamma layer
+# scale, plain / GluMlp / SwiGLU MLPs, an optional attention-pool head, abs pos embed and class token
+# optional. Rope rotates pairs of head dims and acts per head, so with rope the attention units are whole
+# heads (attn="head"): a kept head keeps all its dims and its rotary embedding, which is then exact.
+# A dropped token takes its rotary embedding with it: the slim model gathers the embeddings of the
+# patches it keeps.
+
+
+def is_eva(model: nn.Module) -> bool:
+    return type(model).__name__ == "Eva" and type(model).__module__ == "timm.models.eva"
+
+
+def is_eva_attention(attn: nn.Module) -> bool:
+    from timm.layers.attention import AttentionRope
+    from timm.models.eva import EvaAttention
+    return attn.__dict__.get("_vitslim_orig_class", type(attn)) in (EvaAttention, AttentionRope)
+
+
+def eva_problem(model: nn.Module) -> str | None:
+    """Why this timm Eva cannot be masked and slimmed (None: fine)."""
+    from timm.layers.attention import AttentionRope
+    from timm.models.eva import EvaAttention, EvaBlock
+    if getattr(model, "patch_drop", None) is not None:
+        return "patch dropout is not supported (set patch_drop_rate=0)"
+    if not isinstance(getattr(model.patch_embed, "proj", None), nn.Conv2d):
+        return f"patch embedding {type(model.patch_embed).__name__} without a Conv2d projection"
+    rope = getattr(model, "rope", None)
+    if rope is not None and not hasattr(rope, "feat_shape"):
+        return f"rotary embedding {type(rope).__name__} without a fixed grid is not supported"
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not EvaBlock:
+            return f"block {i} is {type(blk).__name__} (post-norm EVA blocks are not supported)"
+        a = blk.attn
+        if not is_eva_attention(a):
+            return f"block {i} attention is {type(a).__name__}"
+        if getattr(a, "num_kv_groups", 1) != 1:
+            return f"block {i} attention uses grouped-query attention (num_kv_heads < num_heads), not supported"
+        if a.gate is not None:
+            return f"block {i} attention is gated (not supported)"
+        for part in ("q_norm", "k_norm"):
+            if not isinstance(getattr(a, part), nn.Identity):
+                return f"block {i} attention uses {part} (qk-norm in EVA blocks is not supported yet)"
+        if not isinstance(a.norm, nn.Identity):
+            return (f"block {i} attention has an inner norm over all heads (scale_attn_inner, a sub-LN) "
+                    "that pruning would change; not supported")
+        if (blk.gamma_1 is None) != (blk.gamma_2 is None):
+            return f"block {i} has layer scale on one branch only (attn_only_layer_scale), not supported"
+        if type(blk.mlp) not in mlp_classes():
+            return f"block {i} MLP is {type(blk.mlp).__name__}"
+        problem = mlp_problem(blk.mlp)
+        if problem:
+            return f"block {i} MLP {type(blk.mlp).__name__} {problem}"
+        if not _plain_linear(a.proj) or not all(_plain_linear(l) for l in _qkv_linears(a)):
+            return f"block {i} attention projections are not plain nn.Linear layers"
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None:
+        return attn_pool_problem(pool)
+    return None
+
+
+def _qkv_linears(attn: nn.Module) -> list[nn.Linear]:
+    return [attn.qkv] if attn.qkv is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+
+
+def qkv_parts(attn: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """The q/k/v weight (3A, C) of an Eva attention and its q, k, v bias parameters (None: no bias)."""
+    if attn.qkv is not None:
+        w = attn.qkv.weight
+        if attn.qkv.bias is not None:
+            return w, list(attn.qkv.bias.chunk(3))
+        q_bias = getattr(attn, "q_bias", None)
+        v_bias = getattr(attn, "v_bias", None)
+        return w, [q_bias, None, v_bias]  # EVA's k bias is a zero buffer
+    lin = (attn.q_proj, attn.k_proj, attn.v_proj)
+    return torch.cat([l.weight for l in lin]), [l.bias for l in lin]
+
+
+def _full_bias(parts: list[torch.Tensor | None], A: int, ref: torch.Tensor) -> torch.Tensor | None:
+    if all(p is None for p in parts):
+        return None
+    return torch.cat([p if p is not None else ref.new_zeros(A) for p in parts])
+
+
+def eva_spec_fields(model: nn.Module) -> dict:
+    """ArchSpec fields of a timm Eva that differ from what VisionTransformer's reading gives."""
+    blk0 = model.blocks[0]
+    a = blk0.attn
+    _, parts = qkv_parts(a)
+    return {"family": "eva", "qkv_bias": any(p is not None for p in parts),
+            "qkv_bias_parts": max(1, sum(p is not None for p in parts)),
+            "ls_params": 0 if blk0.gamma_1 is None else blk0.gamma_1.numel(),
+            "head_only": getattr(model, "rope", None) is not None}
+
+
+def rope_for_block(model: nn.Module, rope: torch.Tensor | None, l: int) -> torch.Tensor | None:
+    if rope is not None and getattr(model, "rope_mixed", False):
+        return rope[l]  # (H, M, 2d): per-depth, per-head
+    return rope
+
+
+def eva_attention(attn: nn.Module, x: torch.Tensor, mult: torch.Tensor | None = None,
+                  rope: torch.Tensor | None = None, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """An Eva attention's forward with q, k and v of each head-dim multiplied by ``mult`` (H, d).
+
+    The multiplication is folded into the projection's weight and bias (as for the plain ViT); rope is
+    linear and acts per head, so with whole-head scores it commutes with the mask. ``key_bias`` (N,):
+    0 for kept keys, -inf for dropped ones (the binary-mask reference).
+    """
+    from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+    B, N, _ = x.shape
+    H, d = attn.num_heads, attn.head_dim
+    w, parts = qkv_parts(attn)
+    b = _full_bias(parts, H * d, w)
+    if mult is not None:
+        m = mult.reshape(-1).repeat(3)  # (3 * H * d,)
+        w = w * m[:, None]
+        b = None if b is None else b * m
+    qkv = torch.nn.functional.linear(x, w, b)
+    q, k, v = qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d)
+    if rope is not None:
+        npt = attn.num_prefix_tokens
+        half = getattr(attn, "rotate_half", False)
+        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+    bias = None if key_bias is None else key_bias.view(1, 1, 1, N)
+    if attn.fused_attn:
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale)
+    else:
+        s = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            s = s + bias
+        o = attn.attn_drop(s.softmax(dim=-1)) @ v
+    return attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(B, N, H * d)))
+
+
+def _masked_eva_forward(self, x, rope=None, attn_mask=None, is_causal=False):
+    if attn_mask is not None or is_causal:
+        from .errors import VitSlimError
+        raise VitSlimError("masked EVA attention does not take an attention mask")
+    return eva_attention(self, x, self._vitslim_score.per_dim(), rope)
+
+
+@functools.lru_cache(maxsize=None)
+def masked_attention_class(base: type) -> type:
+    """A subclass of an Eva attention class whose q/k/v are multiplied by the attention scores."""
+    return type(f"Masked{base.__name__}", (base,), {"forward": _masked_eva_forward})
+
+
+class EvaHardMasked(nn.Module):
+    """The dense Eva with BINARY masks (the reference of DESIGN invariant 3), like slim.HardMaskedViT."""
+
+    def __init__(self, model: nn.Module, plan, attn_mult: torch.Tensor, mlp_mult: torch.Tensor,
+                 key_bias: torch.Tensor, final_keep: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.plan = model, plan
+        self.register_buffer("attn_mult", attn_mult, persistent=False)  # (L, H, d)
+        self.register_buffer("mlp_mult", mlp_mult, persistent=False)    # (L, h)
+        self.register_buffer("key_bias", key_bias, persistent=False)    # (L, N)
+        self.register_buffer("final_keep", final_keep, persistent=False)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x, rope = m._pos_embed(m.patch_embed(x))
+        x = m.norm_pre(x)
+        for l, blk in enumerate(m.blocks):
+            a = eva_attention(blk.attn, blk.norm1(x), self.attn_mult[l], rope_for_block(m, rope, l), self.key_bias[l])
+            x = x + blk.drop_path1(a if blk.gamma_1 is None else blk.gamma_1 * a)
+            h = blk.mlp.fc2(mlp_hidden(blk.mlp, blk.norm2(x)) * self.mlp_mult[l])
+            x = x + blk.drop_path2(h if blk.gamma_2 is None else blk.gamma_2 * h)
+        return m.norm(x.index_select(1, self.final_keep))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.forward_features(x))
+
+
+class EvaSlimAttention(nn.Module):
+    """Eva attention over kept heads (ragged dims only without rope), the original scale, gathered rope.
+
+    ``qkv`` rows are (q | k | v), each laid out group by group as (heads, dims); ``heads`` holds the
+    original ids of the kept heads in that order (per-head rope is gathered with it) and ``patches`` the
+    original ids of the patches this layer keeps (their rope rows are gathered).
+    """
+
+    def __init__(self, qkv: nn.Linear, biases: list[torch.Tensor | None], proj: nn.Linear,
+                 groups: list[tuple[int, int]], heads: torch.Tensor, patches: torch.Tensor, src: nn.Module) -> None:
+        super().__init__()
+        self.qkv, self.proj = qkv, proj
+        A = qkv.out_features // 3
+        self.attn_dim = A
+        self.q_bias, self.k_bias, self.v_bias = (None if b is None else nn.Parameter(b) for b in biases)
+        self.groups = tuple((int(n), int(k)) for n, k in groups)
+        self.register_buffer("heads", heads, persistent=False)
+        self.register_buffer("patches", patches, persistent=False)
+        self.scale = float(src.scale)
+        self.fused_attn = bool(src.fused_attn)
+        self.num_prefix_tokens = int(src.num_prefix_tokens)
+        self.rotate_half = bool(getattr(src, "rotate_half", False))
+        self.attn_drop, self.proj_drop = src.attn_drop, src.proj_drop
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+        from .slim import linear
+        B, N, _ = x.shape
+        A = self.attn_dim
+        qkv = linear(x, self.qkv)  # (B, N, 3A)
+        b = _full_bias([self.q_bias, self.k_bias, self.v_bias], A, self.qkv.weight)
+        if b is not None:
+            qkv = qkv + b
+        if rope is not None:
+            rope = rope.index_select(-2, self.patches)  # rope of the kept patches
+            if rope.dim() == 3:  # per-head rope (H, M, 2d)
+                rope = rope.index_select(0, self.heads)
+        parts, start, h0 = [], 0, 0
+        npt = self.num_prefix_tokens
+        for heads, dims in self.groups:
+            w = heads * dims
+            q, k, v = (qkv[..., i * A + start:i * A + start + w].reshape(B, N, heads, dims).transpose(1, 2)
+                       for i in range(3))  # (B, heads, N, dims)
+            if rope is not None:
+                r = rope[h0:h0 + heads] if rope.dim() == 3 else rope
+                q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], r, half=self.rotate_half)], 2).type_as(v)
+                k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], r, half=self.rotate_half)], 2).type_as(v)
+            if self.fused_attn:
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    q.contiguous(), k.contiguous(), v.contiguous(),
+                    dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale)
+            else:
+                o = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+            parts.append(o.transpose(1, 2).reshape(B, N, w))
+            start += w
+            h0 += heads
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return self.proj_drop(self.proj(out))
+
+
+class EvaSlimBlock(nn.Module):
+    """An EvaBlock that first keeps some tokens, then runs its (possibly absent) branches.
+
+    Called by timm's ``Eva.forward_features`` as ``blk(x, rope=..., attn_mask=..., is_causal=...)``.
+    """
+
+    def __init__(self, keep: torch.Tensor | None, n_in: int, norm1: nn.Module, attn: nn.Module | None,
+                 ls1: nn.Module, drop_path1: nn.Module, norm2: nn.Module, mlp: nn.Module | None, ls2: nn.Module,
+                 drop_path2: nn.Module) -> None:
+        super().__init__()
+        self.register_buffer("keep", keep, persistent=False)
+        self.n_in = int(n_in)
+        self.norm1, self.attn, self.ls1, self.drop_path1 = norm1, attn, ls1, drop_path1
+        self.norm2, self.mlp, self.ls2, self.drop_path2 = norm2, mlp, ls2, drop_path2
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        from .errors import VitSlimError
+        if attn_mask is not None or is_causal:
+            raise VitSlimError("a slim EVA model does not take an attention mask")
+        if x.shape[1] != self.n_in:
+            raise VitSlimError(f"the slim model was made for {self.n_in} tokens at this block, the input has "
+                               f"{x.shape[1]} (is the image size different from the plan's?)")
+        if self.keep is not None:
+            x = x.index_select(1, self.keep)
+        if self.attn is not None:
+            a = self.attn(self.norm1(x), rope) if isinstance(self.attn, EvaSlimAttention) else self.attn(x)
+            x = x + self.drop_path1(self.ls1(a))
+        if self.mlp is not None:
+            x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+def _gamma(blk: nn.Module, name: str) -> nn.Module:
+    from timm.layers import LayerScale
+    g = getattr(blk, name)
+    if g is None:
+        return nn.Identity()
+    ls = LayerScale(g.numel(), device=g.device, dtype=g.dtype)
+    with torch.no_grad():
+        ls.gamma.copy_(g)
+    return ls
+
+
+def slim_eva_block(model: nn.Module, blk: nn.Module, plan, layer: int, attn_fold: torch.Tensor | None,
+                   mlp_fold: torch.Tensor | None) -> EvaSlimBlock:
+    """Slim one EvaBlock with layer ``layer`` of ``plan`` (scores optionally folded in)."""
+    from .slim import _branch_bias, _head_groups, slice_linear, slim_mlp, token_gather
+    spec = plan.spec
+    P = spec.num_prefix_tokens
+    prev = plan.token[layer - 1] if layer > 0 else np.ones(spec.num_patches, bool)
+    gather = token_gather(prev, plan.token[layer], P)
+    dev = blk.norm1.weight.device if getattr(blk.norm1, "weight", None) is not None else next(blk.parameters()).device
+    keep = torch.as_tensor(gather, device=dev) if gather is not None else None
+    n_in = P + int(prev.sum())
+    ls1, ls2 = _gamma(blk, "gamma_1"), _gamma(blk, "gamma_2")
+    ident = nn.Identity
+    a_keep = plan.attn[layer]
+    if a_keep.any():
+        attn = slim_eva_attention(blk.attn, a_keep, attn_fold, np.flatnonzero(plan.token[layer]), spec.head_only)
+        norm1, dp1 = blk.norm1, blk.drop_path1
+    else:
+        attn = _branch_bias(blk.attn.proj, ls1)
+        norm1, ls1, dp1 = ident(), ident(), ident()
+    if plan.mlp[layer].any():
+        mlp = slim_mlp(blk.mlp, plan.mlp[layer], mlp_fold)
+        norm2, dp2 = blk.norm2, blk.drop_path2
+    else:
+        mlp = _branch_bias(blk.mlp.fc2, ls2)
+        norm2, ls2, dp2 = ident(), ident(), ident()
+    return EvaSlimBlock(keep, n_in, norm1, attn, ls1, dp1, norm2, mlp, ls2, dp2)
+
+
+def slim_eva_attention(attn: nn.Module, keep: np.ndarray, fold: torch.Tensor | None, patches: np.ndarray,
+                       head_only: bool) -> EvaSlimAttention:
+    from .errors import PlanMismatchError
+    from .slim import _head_groups
+    H, d = keep.shape
+    if head_only and not np.all(keep.all(1) | ~keep.any(1)):
+        raise PlanMismatchError("this model has rotary position embeddings: a plan must keep whole heads "
+                                "(make it from scores searched with attn='head')")
+    w, parts = qkv_parts(attn)
+    dev = w.device
+    groups, cols, heads = [], [], []
+    for dims, ids in _head_groups(keep):
+        groups.append((len(ids), dims))
+        heads.extend(ids.tolist())
+        cols.extend((h * d + np.flatnonzero(keep[h])).tolist() for h in ids)
+    cols_t = torch.as_tensor(np.concatenate([np.asarray(c) for c in cols]), device=dev)  # (A',) into H*d
+    A = H * d
+    rows = torch.cat([cols_t + i * A for i in range(3)])
+    scale = None if fold is None else fold.detach().reshape(-1).to(dev).index_select(0, cols_t)
+    with torch.no_grad():
+        wq = w.detach().index_select(0, rows)
+        if scale is not None:
+            wq = wq * scale.repeat(3)[:, None]
+        qkv = nn.Linear(w.shape[1], rows.numel(), bias=False, device=dev, dtype=w.dtype)
+        qkv.weight.copy_(wq)
+        biases = []
+        for p in parts:
+            if p is None:
+                biases.append(None)
+                continue
+            b = p.detach().index_select(0, cols_t)
+            biases.append((b * scale if scale is not None else b).clone())
+    from .slim import slice_linear
+    proj = slice_linear(attn.proj, cols=cols_t)
+    return EvaSlimAttention(qkv, biases, proj, groups, torch.as_tensor(heads, device=dev),
+                            torch.as_tensor(patches, device=dev), attn)

@@ -363,8 +363,12 @@ def slim_model(model: nn.Module, plan: SlimPlan, fold_scores: bool = True) -> nn
     attn_fold, mlp_fold = _fold_scores(model, fold_scores)
     slim = copy.deepcopy(model)
     remove_masks(slim)
-    blocks = [slim_block(blk, plan, l, attn_fold[l], mlp_fold[l]) for l, blk in enumerate(slim.blocks)]
-    slim.blocks = nn.Sequential(*blocks)
+    if plan.spec.family == "eva":  # timm Eva calls each block with its rope (families.py)
+        slim.blocks = nn.ModuleList(families.slim_eva_block(slim, blk, plan, l, attn_fold[l], mlp_fold[l])
+                                    for l, blk in enumerate(slim.blocks))
+    else:
+        slim.blocks = nn.Sequential(*[slim_block(blk, plan, l, attn_fold[l], mlp_fold[l])
+                                      for l, blk in enumerate(slim.blocks)])
     slim.slim_plan = plan
     return slim
 
@@ -438,11 +442,13 @@ def apply_hard_masks(model: nn.Module, plan: SlimPlan, fold_scores: bool = True)
         if attn_fold[l] is not None:
             attn_mult[l] *= attn_fold[l].to(attn_mult)
             mlp_mult[l] *= mlp_fold[l].to(mlp_mult)
-    attn_mult = attn_mult.reshape(s.depth, 1, -1).repeat(1, 3, 1).reshape(s.depth, -1)  # same for q, k, v
     kept = np.concatenate([np.ones((s.depth, s.num_prefix_tokens), bool), plan.token], axis=1)  # (L, N)
     key_bias = torch.zeros(kept.shape, dtype=ref.dtype, device=ref.device)
     key_bias[torch.as_tensor(~kept, device=ref.device)] = float("-inf")
     final_keep = torch.as_tensor(np.flatnonzero(kept[-1]), device=ref.device)
+    if s.family == "eva":
+        return families.EvaHardMasked(dense, plan, attn_mult, mlp_mult, key_bias, final_keep)
+    attn_mult = attn_mult.reshape(s.depth, 1, -1).repeat(1, 3, 1).reshape(s.depth, -1)  # same for q, k, v
     return HardMaskedViT(dense, plan, attn_mult, mlp_mult, key_bias, final_keep)
 
 

@@ -37,6 +37,9 @@ class ArchSpec:
         pool_token_macs, pool_fixed_macs: MACs of an attention-pool head (``global_pool='map'``) per token
             that reaches it and in total otherwise (0 without one).
         pool_prefix: the attention-pool head reads the prefix tokens too (timm's ``pool_include_prefix``).
+        family: "" for timm VisionTransformer, "eva" for timm Eva (blocks are slimmed by families.py).
+        qkv_bias_parts: how many of q, k, v carry a bias when ``qkv_bias`` (EVA: q and v, so 2).
+        head_only: attention units must be whole heads (rotary embeddings rotate pairs of head dims).
         model_name / model_kwargs: how to rebuild it with ``vitslim_core.models``.
     """
 
@@ -64,6 +67,9 @@ class ArchSpec:
     pool_token_macs: int = 0
     pool_fixed_macs: int = 0
     pool_prefix: bool = True
+    family: str = ""
+    qkv_bias_parts: int = 3
+    head_only: bool = False
     model_name: str = ""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -108,9 +114,12 @@ class ArchSpec:
                     v = tuple(_strict_int(x) for x in v)
                     if len(v) != 2 or min(v) < 1:
                         raise ValueError(f"{f.name} must be two positive integers")
-                elif f.name in ("qkv_bias", "proj_bias", "fc1_bias", "fc2_bias", "mlp_glu", "pool_prefix"):
+                elif f.name in ("qkv_bias", "proj_bias", "fc1_bias", "fc2_bias", "mlp_glu", "pool_prefix", "head_only"):
                     if not isinstance(v, bool):
                         raise ValueError(f"{f.name} must be true or false")
+                elif f.name == "family":
+                    if v not in ("", "eva"):
+                        raise ValueError(f"unknown model family {str(v)[:20]!r}")
                 elif f.name == "global_pool" or f.name == "model_name":
                     v = str(v)
                 elif f.name == "model_kwargs":
@@ -148,14 +157,15 @@ class ArchSpec:
 
 
 # Fields added after format version 1 was fixed: files without them describe plain models (defaults).
-_OPTIONAL = ("model_name", "model_kwargs", "mlp_glu", "pool_token_macs", "pool_fixed_macs", "pool_prefix")
+_OPTIONAL = ("model_name", "model_kwargs", "mlp_glu", "pool_token_macs", "pool_fixed_macs", "pool_prefix",
+             "family", "qkv_bias_parts", "head_only")
 
 # Upper bounds of a description read from a file (ViT-g/14 at 518 px is far inside them): a damaged or
 # hostile header must not make plans allocate or compute for absurd sizes.
 _LIMITS = {"depth": 1024, "embed_dim": 1 << 16, "num_heads": 1024, "head_dim": 4096, "mlp_hidden": 1 << 18,
            "num_prefix_tokens": 1024, "grid": 1024, "patch_size": 1024, "in_chans": 64, "num_classes": 1 << 20,
            "num_out_heads": 2, "norm1_params": 1 << 40, "norm2_params": 1 << 40, "ls_params": 1 << 40,
-           "dense_params": 1 << 40, "pool_token_macs": 1 << 40, "pool_fixed_macs": 1 << 50}
+           "dense_params": 1 << 40, "pool_token_macs": 1 << 40, "pool_fixed_macs": 1 << 50, "qkv_bias_parts": 3}
 MAX_UNITS = 1 << 24  # per dimension, over all layers
 
 
@@ -300,6 +310,11 @@ def check_supported(model: nn.Module) -> None:
     from timm.layers.attention import Attention
     from timm.models.vision_transformer import Block, VisionTransformer
 
+    if families.is_eva(model):  # timm Eva: EVA02, rope ViTs, DINOv3, PE (families.py)
+        problem = families.eva_problem(model)
+        if problem:
+            raise UnsupportedModelError(f"Eva {problem}")
+        return
     if not isinstance(model, VisionTransformer):
         part = families.UNSUPPORTED_CLASSES.get(type(model).__name__)
         if part:
@@ -354,9 +369,10 @@ def arch_spec(model: nn.Module, model_name: str = "", model_kwargs: dict | None 
     has_dist = getattr(model, "head_dist", None) is not None
     num_classes = int(getattr(model, "num_classes", 0))
     masks_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("slim_masks."))
-    ls = blk0.ls1
+    ls = getattr(blk0, "ls1", None)
     pool_macs = families.attn_pool_macs(getattr(model, "attn_pool", None))
-    return ArchSpec(
+    eva = families.eva_spec_fields(model) if families.is_eva(model) else {}
+    return dataclasses.replace(ArchSpec(
         depth=len(model.blocks),
         embed_dim=int(model.embed_dim),
         num_heads=int(a.num_heads),
@@ -369,13 +385,13 @@ def arch_spec(model: nn.Module, model_name: str = "", model_kwargs: dict | None 
         num_classes=num_classes,
         num_out_heads=2 if has_dist else 1,
         global_pool=str(model.global_pool),
-        qkv_bias=a.qkv.bias is not None,
+        qkv_bias=a.qkv is not None and a.qkv.bias is not None,
         proj_bias=a.proj.bias is not None,
         fc1_bias=families.fc1_has_bias(m),
         fc2_bias=m.fc2.bias is not None,
         norm1_params=_numel(blk0.norm1),
         norm2_params=_numel(blk0.norm2),
-        ls_params=0 if isinstance(ls, nn.Identity) else _numel(ls),
+        ls_params=0 if ls is None or isinstance(ls, nn.Identity) else _numel(ls),
         dense_params=_numel(model) - masks_params,
         mlp_glu=families.is_glu(m),
         pool_token_macs=pool_macs[0],
@@ -383,4 +399,4 @@ def arch_spec(model: nn.Module, model_name: str = "", model_kwargs: dict | None 
         pool_prefix=bool(getattr(model, "pool_include_prefix", True)),
         model_name=model_name,
         model_kwargs=dict(model_kwargs or {}),
-    )
+    ), **eva)
