@@ -42,11 +42,16 @@ def is_glu(mlp: nn.Module) -> bool:
     return type(mlp) in (GluMlp, SwiGLU)
 
 
-def mlp_problem(mlp: nn.Module) -> str | None:
-    """Why this MLP cannot be slimmed (None: fine)."""
+def mlp_problem(mlp: nn.Module, sub_ln: bool = False) -> str | None:
+    """Why this MLP cannot be slimmed (None: fine); ``sub_ln`` allows a norm over the hidden units."""
     from timm.layers import GluMlp, SwiGLU
-    if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
-        return "has a hidden norm (a sub-LN over the MLP units, scale_mlp_norm) that is not supported"
+    norm = getattr(mlp, "norm", nn.Identity())
+    if not isinstance(norm, nn.Identity):
+        if not sub_ln:
+            return "has a hidden norm (a sub-LN over the MLP units, scale_mlp_norm) that is not supported"
+        problem = norm_problem(norm, mlp.fc2.in_features)
+        if problem:
+            return f"hidden norm {problem}"
     if type(mlp) is GluMlp:
         if mlp.chunk_dim != -1:
             return "is a convolutional GluMlp (gate and value split along channels)"
@@ -64,6 +69,38 @@ def mlp_problem(mlp: nn.Module) -> str | None:
     if getattr(mlp, "use_conv", False) or not _plain_linear(mlp.fc1) or not _plain_linear(mlp.fc2):
         return "layers are not plain nn.Linear layers"
     return None
+
+
+def norm_problem(norm: nn.Module, width: int) -> str | None:
+    """Why a norm over ``width`` pruned units cannot be sliced (None: fine)."""
+    from timm.layers import LayerNorm, RmsNorm
+    if type(norm) not in (nn.LayerNorm, LayerNorm, RmsNorm):
+        return f"{type(norm).__name__} is not a LayerNorm/RmsNorm"
+    if tuple(norm.normalized_shape) != (width,):
+        return f"normalises {tuple(norm.normalized_shape)}, not the {width} units"
+    return None
+
+
+def norm_unit_params(norm: nn.Module) -> int:
+    """Parameters per unit of a sub-LN (weight and bias: 2; RMS weight: 1; none: 0)."""
+    if isinstance(norm, nn.Identity):
+        return 0
+    return sum(p.numel() for p in norm.parameters()) // int(np.prod(norm.normalized_shape))
+
+
+def slice_norm(norm: nn.Module, idx: torch.Tensor) -> nn.Module:
+    """A copy of a LayerNorm/RmsNorm over the kept units ``idx`` only (not exact: statistics change)."""
+    if isinstance(norm, nn.Identity):
+        return norm
+    import copy
+    out = copy.deepcopy(norm)
+    out.normalized_shape = (int(idx.numel()),)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            p = getattr(norm, name, None)
+            if isinstance(p, nn.Parameter):
+                setattr(out, name, nn.Parameter(p.detach().index_select(0, idx).clone()))
+    return out
 
 
 def _plain_linear(layer: nn.Module) -> bool:
@@ -98,17 +135,21 @@ class SlimGluMlp(nn.Module):
         fc2: Linear(h', C).
     """
 
-    def __init__(self, fc1_g: nn.Linear, fc1_x: nn.Linear, act: nn.Module, fc2: nn.Linear,
-                 drop1: nn.Module | None = None, drop2: nn.Module | None = None) -> None:
+    def __init__(self, fc1_g: nn.Linear | None, fc1_x: nn.Linear, act: nn.Module, fc2: nn.Linear,
+                 drop1: nn.Module | None = None, drop2: nn.Module | None = None, norm: nn.Module | None = None) -> None:
         super().__init__()
         self.fc1_g, self.fc1_x, self.act, self.fc2 = fc1_g, fc1_x, act, fc2
         self.drop1 = drop1 if drop1 is not None else nn.Identity()
+        self.norm = norm if norm is not None else nn.Identity()  # a sub-LN over the kept units
         self.drop2 = drop2 if drop2 is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .slim import linear
-        h = self.act(linear(x, self.fc1_g)) * linear(x, self.fc1_x)  # (B, N, h')
-        return self.drop2(self.fc2(self.drop1(h)))
+        if self.fc1_g is None:  # a plain MLP with a sub-LN
+            h = self.act(linear(x, self.fc1_x))
+        else:
+            h = self.act(linear(x, self.fc1_g)) * linear(x, self.fc1_x)  # (B, N, h')
+        return self.drop2(self.fc2(self.norm(self.drop1(h))))
 
 
 def slim_glu_mlp(mlp: nn.Module, keep: np.ndarray, fold: torch.Tensor | None = None) -> SlimGluMlp:
@@ -123,9 +164,11 @@ def slim_glu_mlp(mlp: nn.Module, keep: np.ndarray, fold: torch.Tensor | None = N
         h = mlp.fc2.in_features
         first, second = slice_linear(mlp.fc1, rows=idx), slice_linear(mlp.fc1, rows=idx + h)
         gate, value = (second, first) if mlp.gate_last else (first, second)  # fc1 rows are (x1 | x2)
-    else:
+    elif hasattr(mlp, "fc1_g"):
         gate, value = slice_linear(mlp.fc1_g, rows=idx), slice_linear(mlp.fc1_x, rows=idx)
-    return SlimGluMlp(gate, value, mlp.act, fc2, mlp.drop1, mlp.drop2)
+    else:  # plain Mlp with a sub-LN
+        gate, value = None, slice_linear(mlp.fc1, rows=idx)
+    return SlimGluMlp(gate, value, mlp.act, fc2, mlp.drop1, mlp.drop2, slice_norm(mlp.norm, idx))
 
 
 def attn_pool_problem(pool: nn.Module) -> str | None:
@@ -196,17 +239,15 @@ def eva_problem(model: nn.Module) -> str | None:
             return f"block {i} attention uses grouped-query attention (num_kv_heads < num_heads), not supported"
         if a.gate is not None:
             return f"block {i} attention is gated (not supported)"
-        for part in ("q_norm", "k_norm"):
-            if not isinstance(getattr(a, part), nn.Identity):
-                return f"block {i} attention uses {part} (qk-norm in EVA blocks is not supported yet)"
-        if not isinstance(a.norm, nn.Identity):
-            return (f"block {i} attention has an inner norm over all heads (scale_attn_inner, a sub-LN) "
-                    "that pruning would change; not supported")
-        if (blk.gamma_1 is None) != (blk.gamma_2 is None):
-            return f"block {i} has layer scale on one branch only (attn_only_layer_scale), not supported"
+        if not isinstance(a.norm, nn.Identity):  # scale_attn_inner: a sub-LN over all heads (not exact)
+            problem = norm_problem(a.norm, a.num_heads * a.head_dim)
+            if problem:
+                return f"block {i} attention inner norm {problem}"
+        if blk.gamma_1 is None and blk.gamma_2 is not None:
+            return f"block {i} has layer scale on the MLP branch only, not supported"
         if type(blk.mlp) not in mlp_classes():
             return f"block {i} MLP is {type(blk.mlp).__name__}"
-        problem = mlp_problem(blk.mlp)
+        problem = mlp_problem(blk.mlp, sub_ln=True)
         if problem:
             return f"block {i} MLP {type(blk.mlp).__name__} {problem}"
         if not _plain_linear(a.proj) or not all(_plain_linear(l) for l in _qkv_linears(a)):
@@ -248,7 +289,13 @@ def eva_spec_fields(model: nn.Module) -> dict:
     return {"family": "eva", "qkv_bias": any(p is not None for p in parts),
             "qkv_bias_parts": max(1, sum(p is not None for p in parts)),
             "ls_params": 0 if blk0.gamma_1 is None else blk0.gamma_1.numel(),
-            "head_only": getattr(model, "rope", None) is not None}
+            "mlp_norm_params": norm_unit_params(getattr(blk0.mlp, "norm", nn.Identity())),
+            "attn_norm_params": norm_unit_params(a.norm),
+            "mlp_ls": blk0.gamma_2 is not None or blk0.gamma_1 is None,  # attn_only_layer_scale
+            "qk_norm_params": sum(p.numel() for p in (*a.q_norm.parameters(), *a.k_norm.parameters())),
+            # rope rotates pairs of head dims and a q/k norm normalises each head: prune whole heads
+            "head_only": getattr(model, "rope", None) is not None or not isinstance(a.q_norm, nn.Identity)
+            or not isinstance(a.k_norm, nn.Identity)}
 
 
 def rope_for_block(model: nn.Module, rope: torch.Tensor | None, l: int) -> torch.Tensor | None:
@@ -276,6 +323,8 @@ def eva_attention(attn: nn.Module, x: torch.Tensor, mult: torch.Tensor | None = 
         b = None if b is None else b * m
     qkv = torch.nn.functional.linear(x, w, b)
     q, k, v = qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d)
+    # a per-head q/k norm undoes the scores of q and k; a whole head still goes with its v (head_only)
+    q, k = attn.q_norm(q), attn.k_norm(k)
     if rope is not None:
         npt = attn.num_prefix_tokens
         half = getattr(attn, "rotate_half", False)
@@ -290,7 +339,7 @@ def eva_attention(attn: nn.Module, x: torch.Tensor, mult: torch.Tensor | None = 
         if bias is not None:
             s = s + bias
         o = attn.attn_drop(s.softmax(dim=-1)) @ v
-    return attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(B, N, H * d)))
+    return attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, N, H * d))))
 
 
 def _masked_eva_forward(self, x, rope=None, attn_mask=None, is_causal=False):
@@ -356,6 +405,8 @@ class EvaSlimAttention(nn.Module):
         self.num_prefix_tokens = int(src.num_prefix_tokens)
         self.rotate_half = bool(getattr(src, "rotate_half", False))
         self.attn_drop, self.proj_drop = src.attn_drop, src.proj_drop
+        self.q_norm, self.k_norm = src.q_norm, src.k_norm  # over the d dims of one (whole) head
+        self.norm = nn.Identity()  # scale_attn_inner: a sub-LN over the kept dims (set by slim_eva_attention)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
         from timm.layers.pos_embed_sincos import apply_rot_embed_cat
@@ -376,6 +427,7 @@ class EvaSlimAttention(nn.Module):
             w = heads * dims
             q, k, v = (qkv[..., i * A + start:i * A + start + w].reshape(B, N, heads, dims).transpose(1, 2)
                        for i in range(3))  # (B, heads, N, dims)
+            q, k = self.q_norm(q), self.k_norm(k)
             if rope is not None:
                 r = rope[h0:h0 + heads] if rope.dim() == 3 else rope
                 q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], r, half=self.rotate_half)], 2).type_as(v)
@@ -390,7 +442,7 @@ class EvaSlimAttention(nn.Module):
             start += w
             h0 += heads
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(self.proj(self.norm(out)))
 
 
 class EvaSlimBlock(nn.Module):
@@ -472,7 +524,7 @@ def slim_eva_attention(attn: nn.Module, keep: np.ndarray, fold: torch.Tensor | N
     from .slim import _head_groups
     H, d = keep.shape
     if head_only and not np.all(keep.all(1) | ~keep.any(1)):
-        raise PlanMismatchError("this model has rotary position embeddings: a plan must keep whole heads "
+        raise PlanMismatchError("this model has rotary embeddings or a q/k norm: a plan must keep whole heads "
                                 "(make it from scores searched with attn='head')")
     w, parts = qkv_parts(attn)
     dev = w.device
@@ -500,5 +552,7 @@ def slim_eva_attention(attn: nn.Module, keep: np.ndarray, fold: torch.Tensor | N
             biases.append((b * scale if scale is not None else b).clone())
     from .slim import slice_linear
     proj = slice_linear(attn.proj, cols=cols_t)
-    return EvaSlimAttention(qkv, biases, proj, groups, torch.as_tensor(heads, device=dev),
-                            torch.as_tensor(patches, device=dev), attn)
+    out = EvaSlimAttention(qkv, biases, proj, groups, torch.as_tensor(heads, device=dev),
+                           torch.as_tensor(patches, device=dev), attn)
+    out.norm = slice_norm(attn.norm, cols_t)
+    return out

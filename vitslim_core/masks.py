@@ -201,8 +201,8 @@ def add_masks(model: nn.Module, attn: AttnMode | None = None) -> nn.Module:
     if attn is None:
         attn = "head" if spec.head_only else "head_dim"
     if spec.head_only and attn != "head":
-        raise VitSlimError(f"this model rotates pairs of head dims with rotary embeddings, so its attention is "
-                           f"pruned by whole heads: use attn='head' (got {attn!r})")
+        raise VitSlimError(f"this model has rotary embeddings (they rotate pairs of head dims) or a per-head q/k "
+                           f"norm, so its attention is pruned by whole heads: use attn='head' (got {attn!r})")
     ref = next(model.parameters())
     masks = SlimMasks(spec, attn).to(device=ref.device, dtype=ref.dtype)
     for l, blk in enumerate(model.blocks):

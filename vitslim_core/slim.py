@@ -274,7 +274,8 @@ def slim_attention(attn: nn.Module, keep: np.ndarray, fold: torch.Tensor | None 
 
 def slim_mlp(mlp: nn.Module, keep: np.ndarray, fold: torch.Tensor | None = None) -> SlimMlp:
     """Slice a timm Mlp to the kept hidden units; ``fold`` scores multiply the activation output."""
-    if families.is_glu(mlp):  # GluMlp / SwiGLU: gate and value rows of a unit go together
+    if families.is_glu(mlp) or not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+        # GluMlp / SwiGLU (gate and value rows of a unit go together) or a sub-LN MLP
         return families.slim_glu_mlp(mlp, keep, fold)
     dev = mlp.fc1.weight.device
     idx = torch.as_tensor(np.flatnonzero(keep), device=dev)

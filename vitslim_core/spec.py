@@ -39,7 +39,12 @@ class ArchSpec:
         pool_prefix: the attention-pool head reads the prefix tokens too (timm's ``pool_include_prefix``).
         family: "" for timm VisionTransformer, "eva" for timm Eva (blocks are slimmed by families.py).
         qkv_bias_parts: how many of q, k, v carry a bias when ``qkv_bias`` (EVA: q and v, so 2).
-        head_only: attention units must be whole heads (rotary embeddings rotate pairs of head dims).
+        head_only: attention units must be whole heads (rotary embeddings rotate pairs of head dims, a q/k
+            norm normalises each head).
+        qk_norm_params: parameters of one block's q and k norms (0 when absent).
+        mlp_norm_params, attn_norm_params: parameters per unit of a sub-LN over the MLP hidden units / over
+            all attention dims (EVA02's scale_mlp / scale_attn_inner); slimming through one is not exact.
+        mlp_ls: the MLP branch has the layer scale too (False: EVA's attn_only_layer_scale).
         model_name / model_kwargs: how to rebuild it with ``vitslim_core.models``.
     """
 
@@ -70,8 +75,17 @@ class ArchSpec:
     family: str = ""
     qkv_bias_parts: int = 3
     head_only: bool = False
+    qk_norm_params: int = 0
+    mlp_ls: bool = True
+    mlp_norm_params: int = 0
+    attn_norm_params: int = 0
     model_name: str = ""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exact(self) -> bool:
+        """Whether a slim model equals the binary-masked one (no sub-LN over pruned units)."""
+        return self.mlp_norm_params == 0 and self.attn_norm_params == 0
 
     @property
     def num_patches(self) -> int:
@@ -114,7 +128,7 @@ class ArchSpec:
                     v = tuple(_strict_int(x) for x in v)
                     if len(v) != 2 or min(v) < 1:
                         raise ValueError(f"{f.name} must be two positive integers")
-                elif f.name in ("qkv_bias", "proj_bias", "fc1_bias", "fc2_bias", "mlp_glu", "pool_prefix", "head_only"):
+                elif f.name in ("qkv_bias", "proj_bias", "fc1_bias", "fc2_bias", "mlp_glu", "pool_prefix", "head_only", "mlp_ls"):
                     if not isinstance(v, bool):
                         raise ValueError(f"{f.name} must be true or false")
                 elif f.name == "family":
@@ -158,14 +172,16 @@ class ArchSpec:
 
 # Fields added after format version 1 was fixed: files without them describe plain models (defaults).
 _OPTIONAL = ("model_name", "model_kwargs", "mlp_glu", "pool_token_macs", "pool_fixed_macs", "pool_prefix",
-             "family", "qkv_bias_parts", "head_only")
+             "family", "qkv_bias_parts", "head_only", "qk_norm_params", "mlp_ls", "mlp_norm_params",
+             "attn_norm_params")
 
 # Upper bounds of a description read from a file (ViT-g/14 at 518 px is far inside them): a damaged or
 # hostile header must not make plans allocate or compute for absurd sizes.
 _LIMITS = {"depth": 1024, "embed_dim": 1 << 16, "num_heads": 1024, "head_dim": 4096, "mlp_hidden": 1 << 18,
            "num_prefix_tokens": 1024, "grid": 1024, "patch_size": 1024, "in_chans": 64, "num_classes": 1 << 20,
            "num_out_heads": 2, "norm1_params": 1 << 40, "norm2_params": 1 << 40, "ls_params": 1 << 40,
-           "dense_params": 1 << 40, "pool_token_macs": 1 << 40, "pool_fixed_macs": 1 << 50, "qkv_bias_parts": 3}
+           "dense_params": 1 << 40, "pool_token_macs": 1 << 40, "pool_fixed_macs": 1 << 50, "qkv_bias_parts": 3, "qk_norm_params": 1 << 30, "mlp_norm_params": 2,
+           "attn_norm_params": 2}
 MAX_UNITS = 1 << 24  # per dimension, over all layers
 
 
