@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CASES = {
     "deit_small (224px)": dict(name="deit_small_patch16_224", kwargs={}, batch=8, classes=1000),
     # EVA02-S: rope (whole-head attention scores), SwiGLU MLP (GluMlp), q/v biases, 256 patches of 14 px
-    "eva02_small (224px)": dict(name="eva02_small_patch14_224", kwargs={}, batch=8, classes=1000),
+    "eva02_small (224px)": dict(name="eva02_small_patch14_224", kwargs={"num_classes": 1000}, batch=8, classes=1000),
     "digits-vit demo": dict(name="digits-vit", kwargs={}, batch=64, classes=10),
 }
 BIG = ("deit_small (224px)", "eva02_small (224px)")

@@ -213,7 +213,7 @@ def test_old_plan_files_without_the_new_fields_still_load():
 
 
 @pytest.mark.parametrize("name,part", [
-    ("eva02_enormous_patch14_clip_224", "post-norm"), ("beit_base_patch16_224", "relative position bias"),
+    ("eva02_enormous_patch14_clip_224", "post-norm"), ("beit3_base_patch16_224", "norm"),
     ("vit_relpos_small_patch16_224", "RelPosAttention"), ("samvit_base_patch16", "windowed attention"),
     ("vit_base_patch16_rpn_224", "ResPostBlock"), ("vit_base_mci_224", "HybridEmbed"),
 ])
@@ -236,6 +236,10 @@ EVA = {
     "pe_core_map": ("vit_pe_core_tiny_patch16_384", dict(img_size=32, patch_size=8, **SMALL), 32),
     "eva_norope": ("eva_giant_patch14_224", dict(img_size=28, patch_size=7, **SMALL), 28),
     "sapiens2_qknorm": ("vit_base_patch16_sapiens2", dict(img_size=32, patch_size=8, num_kv_heads=4, **SMALL), 32),
+    # BEiT: relative position bias per block (rows/cols of kept tokens, kept heads gathered) or shared
+    "beit_relpos": ("beit_base_patch16_224", dict(img_size=32, patch_size=8, **SMALL), 32),
+    "beit_shared_relpos": ("beitv2_base_patch16_224", dict(img_size=32, patch_size=8, use_shared_rel_pos_bias=True,
+                                                          use_rel_pos_bias=False, **SMALL), 32),
 }
 MODELS.update(EVA)
 
@@ -253,7 +257,7 @@ def test_eva_invariants(key, fused):
     m = make(key, fused)
     x = image(key)
     spec = arch_spec(m)
-    assert spec.family == "eva" and spec.head_only == (m.rope is not None or spec.qk_norm_params > 0)
+    assert spec.family in ("eva", "beit") and spec.head_only == (getattr(m, "rope", None) is not None or spec.qk_norm_params > 0)
     with torch.no_grad():
         dense = m(x)
         masked = add_masks(copy.deepcopy(m))
@@ -281,7 +285,7 @@ def test_eva_invariants(key, fused):
         check_cost(slim, x)
 
 
-@pytest.mark.parametrize("key", ["eva02_glu_rope", "eva_norope"])
+@pytest.mark.parametrize("key", ["eva02_glu_rope", "eva_norope", "beit_relpos"])
 def test_eva_masked_forward_uses_the_scores(key):
     """The masked model with random attention/MLP scores (tokens all kept) equals the binary-mask
     reference of the full plan with those scores folded in: the scores really act on q/k/v and fc2."""

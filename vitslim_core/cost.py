@@ -84,7 +84,7 @@ def layer_params(spec: ArchSpec, attn_dims, mlp_units):
     A = np.asarray(attn_dims, dtype=np.int64)
     h = np.asarray(mlp_units, dtype=np.int64)
     attn = (A > 0) * (spec.norm1_params + spec.ls_params + 4 * A * C + spec.qkv_bias_parts * A * spec.qkv_bias
-                     + spec.qk_norm_params + spec.attn_norm_params * A) + C * spec.proj_bias
+                     + spec.qk_norm_params + spec.attn_norm_params * A + spec.attn_extra_params) + C * spec.proj_bias
     glu = int(spec.mlp_glu)
     mlp = (h > 0) * (spec.norm2_params + spec.ls_params * spec.mlp_ls + (2 + glu) * h * C + (1 + glu) * h * spec.fc1_bias
                      + spec.mlp_norm_params * h) \

@@ -24,7 +24,6 @@ import torch.nn as nn
 
 # timm ViT classes outside VisionTransformer and the part of each that has no masks/slimming yet
 UNSUPPORTED_CLASSES = {
-    "Beit": "BEiT relative position bias (per-block bias table) with separate q/v biases",
     "VisionTransformerRelPos": "relative position bias/MLP attention (RelPosAttention)",
     "VisionTransformerSAM": "SAM windowed attention with decomposed relative positions and a conv neck",
     "NaFlexVit": "NaFlex variable-resolution patch embedding and masked attention",
@@ -212,10 +211,56 @@ def is_eva(model: nn.Module) -> bool:
     return type(model).__name__ == "Eva" and type(model).__module__ == "timm.models.eva"
 
 
+def is_beit(model: nn.Module) -> bool:
+    return type(model).__name__ == "Beit" and type(model).__module__ == "timm.models.beit"
+
+
+def family_of(model: nn.Module) -> str:
+    """"eva" or "beit" for the timm classes whose blocks families.py slims, "" otherwise."""
+    return "eva" if is_eva(model) else ("beit" if is_beit(model) else "")
+
+
 def is_eva_attention(attn: nn.Module) -> bool:
+    """EvaAttention, AttentionRope or BEiT's Attention (masked and slimmed here)."""
     from timm.layers.attention import AttentionRope
+    from timm.models.beit import Attention as BeitAttention
     from timm.models.eva import EvaAttention
-    return attn.__dict__.get("_vitslim_orig_class", type(attn)) in (EvaAttention, AttentionRope)
+    return attn.__dict__.get("_vitslim_orig_class", type(attn)) in (EvaAttention, AttentionRope, BeitAttention)
+
+
+def head_dim(attn: nn.Module) -> int:
+    """Dims per head (BEiT's attention does not store it)."""
+    d = getattr(attn, "head_dim", None)
+    return int(d) if d is not None else int(attn.qkv.out_features // 3 // attn.num_heads)
+
+
+def rel_bias(attn: nn.Module, shared: torch.Tensor | None = None) -> torch.Tensor | None:
+    """BEiT's relative position bias of one block (its own table plus the shared one), (1|, H, N, N)."""
+    table = getattr(attn, "relative_position_bias_table", None)
+    bias = attn._get_rel_pos_bias() if table is not None else None
+    if shared is not None:
+        bias = shared if bias is None else bias + shared
+    return bias
+
+
+def beit_problem(model: nn.Module) -> str | None:
+    """Why this timm Beit cannot be masked and slimmed (None: fine)."""
+    from timm.models.beit import Block
+    if not isinstance(getattr(model.patch_embed, "proj", None), nn.Conv2d):
+        return f"patch embedding {type(model.patch_embed).__name__} without a Conv2d projection"
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block:
+            return f"block {i} is {type(blk).__name__}"
+        if not is_eva_attention(blk.attn):
+            return f"block {i} attention is {type(blk.attn).__name__}"
+        if blk.gamma_1 is None and blk.gamma_2 is not None:
+            return f"block {i} has layer scale on the MLP branch only, not supported"
+        if type(blk.mlp) not in mlp_classes():
+            return f"block {i} MLP is {type(blk.mlp).__name__}"
+        problem = mlp_problem(blk.mlp, sub_ln=True)
+        if problem:
+            return f"block {i} MLP {type(blk.mlp).__name__} {problem}"
+    return None
 
 
 def eva_problem(model: nn.Module) -> str | None:
@@ -285,17 +330,20 @@ def eva_spec_fields(model: nn.Module) -> dict:
     """ArchSpec fields of a timm Eva that differ from what VisionTransformer's reading gives."""
     blk0 = model.blocks[0]
     a = blk0.attn
+    qn, kn = getattr(a, "q_norm", nn.Identity()), getattr(a, "k_norm", nn.Identity())
     _, parts = qkv_parts(a)
-    return {"family": "eva", "qkv_bias": any(p is not None for p in parts),
+    table = getattr(a, "relative_position_bias_table", None)
+    return {"family": family_of(model), "qkv_bias": any(p is not None for p in parts),
+            "attn_extra_params": 0 if table is None else table.numel(),
             "qkv_bias_parts": max(1, sum(p is not None for p in parts)),
             "ls_params": 0 if blk0.gamma_1 is None else blk0.gamma_1.numel(),
             "mlp_norm_params": norm_unit_params(getattr(blk0.mlp, "norm", nn.Identity())),
-            "attn_norm_params": norm_unit_params(a.norm),
+            "attn_norm_params": norm_unit_params(getattr(a, "norm", nn.Identity())),
             "mlp_ls": blk0.gamma_2 is not None or blk0.gamma_1 is None,  # attn_only_layer_scale
-            "qk_norm_params": sum(p.numel() for p in (*a.q_norm.parameters(), *a.k_norm.parameters())),
+            "qk_norm_params": sum(p.numel() for p in (*qn.parameters(), *kn.parameters())),
             # rope rotates pairs of head dims and a q/k norm normalises each head: prune whole heads
-            "head_only": getattr(model, "rope", None) is not None or not isinstance(a.q_norm, nn.Identity)
-            or not isinstance(a.k_norm, nn.Identity)}
+            "head_only": getattr(model, "rope", None) is not None or not isinstance(qn, nn.Identity)
+            or not isinstance(kn, nn.Identity)}
 
 
 def rope_for_block(model: nn.Module, rope: torch.Tensor | None, l: int) -> torch.Tensor | None:
@@ -305,16 +353,18 @@ def rope_for_block(model: nn.Module, rope: torch.Tensor | None, l: int) -> torch
 
 
 def eva_attention(attn: nn.Module, x: torch.Tensor, mult: torch.Tensor | None = None,
-                  rope: torch.Tensor | None = None, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+                  rope: torch.Tensor | None = None, key_bias: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """An Eva attention's forward with q, k and v of each head-dim multiplied by ``mult`` (H, d).
 
     The multiplication is folded into the projection's weight and bias (as for the plain ViT); rope is
     linear and acts per head, so with whole-head scores it commutes with the mask. ``key_bias`` (N,):
-    0 for kept keys, -inf for dropped ones (the binary-mask reference).
+    0 for kept keys, -inf for dropped ones (the binary-mask reference); ``bias``: BEiT's relative position
+    bias (1, H, N, N).
     """
     from timm.layers.pos_embed_sincos import apply_rot_embed_cat
     B, N, _ = x.shape
-    H, d = attn.num_heads, attn.head_dim
+    H, d = attn.num_heads, head_dim(attn)
     w, parts = qkv_parts(attn)
     b = _full_bias(parts, H * d, w)
     if mult is not None:
@@ -324,13 +374,15 @@ def eva_attention(attn: nn.Module, x: torch.Tensor, mult: torch.Tensor | None = 
     qkv = torch.nn.functional.linear(x, w, b)
     q, k, v = qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d)
     # a per-head q/k norm undoes the scores of q and k; a whole head still goes with its v (head_only)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
     if rope is not None:
         npt = attn.num_prefix_tokens
         half = getattr(attn, "rotate_half", False)
         q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
         k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
-    bias = None if key_bias is None else key_bias.view(1, 1, 1, N)
+    if key_bias is not None:
+        bias = key_bias.view(1, 1, 1, N) if bias is None else bias + key_bias.view(1, 1, 1, N)
     if attn.fused_attn:
         o = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale)
@@ -339,14 +391,15 @@ def eva_attention(attn: nn.Module, x: torch.Tensor, mult: torch.Tensor | None = 
         if bias is not None:
             s = s + bias
         o = attn.attn_drop(s.softmax(dim=-1)) @ v
-    return attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, N, H * d))))
+    o = o.transpose(1, 2).reshape(B, N, H * d)
+    return attn.proj_drop(attn.proj(getattr(attn, "norm", nn.Identity())(o)))
 
 
-def _masked_eva_forward(self, x, rope=None, attn_mask=None, is_causal=False):
+def _masked_eva_forward(self, x, rope=None, attn_mask=None, is_causal=False, shared_rel_pos_bias=None):
     if attn_mask is not None or is_causal:
         from .errors import VitSlimError
         raise VitSlimError("masked EVA attention does not take an attention mask")
-    return eva_attention(self, x, self._vitslim_score.per_dim(), rope)
+    return eva_attention(self, x, self._vitslim_score.per_dim(), rope, bias=rel_bias(self, shared_rel_pos_bias))
 
 
 @functools.lru_cache(maxsize=None)
@@ -369,10 +422,19 @@ class EvaHardMasked(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
-        x, rope = m._pos_embed(m.patch_embed(x))
-        x = m.norm_pre(x)
+        shared = None
+        if is_beit(m):
+            x = m.patch_embed(x)
+            x = torch.cat((m.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+            x = m.pos_drop(x if m.pos_embed is None else x + m.pos_embed)
+            rope = None
+            shared = m.rel_pos_bias() if m.rel_pos_bias is not None else None
+        else:
+            x, rope = m._pos_embed(m.patch_embed(x))
+            x = m.norm_pre(x)
         for l, blk in enumerate(m.blocks):
-            a = eva_attention(blk.attn, blk.norm1(x), self.attn_mult[l], rope_for_block(m, rope, l), self.key_bias[l])
+            a = eva_attention(blk.attn, blk.norm1(x), self.attn_mult[l], rope_for_block(m, rope, l), self.key_bias[l],
+                              rel_bias(blk.attn, shared))
             x = x + blk.drop_path1(a if blk.gamma_1 is None else blk.gamma_1 * a)
             h = blk.mlp.fc2(mlp_hidden(blk.mlp, blk.norm2(x)) * self.mlp_mult[l])
             x = x + blk.drop_path2(h if blk.gamma_2 is None else blk.gamma_2 * h)
@@ -402,16 +464,39 @@ class EvaSlimAttention(nn.Module):
         self.register_buffer("patches", patches, persistent=False)
         self.scale = float(src.scale)
         self.fused_attn = bool(src.fused_attn)
-        self.num_prefix_tokens = int(src.num_prefix_tokens)
+        self.num_prefix_tokens = int(getattr(src, "num_prefix_tokens", 0))  # rope skips them (EVA)
         self.rotate_half = bool(getattr(src, "rotate_half", False))
         self.attn_drop, self.proj_drop = src.attn_drop, src.proj_drop
-        self.q_norm, self.k_norm = src.q_norm, src.k_norm  # over the d dims of one (whole) head
+        self.q_norm = getattr(src, "q_norm", nn.Identity())  # over the d dims of one (whole) head
+        self.k_norm = getattr(src, "k_norm", nn.Identity())
         self.norm = nn.Identity()  # scale_attn_inner: a sub-LN over the kept dims (set by slim_eva_attention)
+        table = getattr(src, "relative_position_bias_table", None)  # BEiT: kept whole, gathered per forward
+        self.relative_position_bias_table = table
+        self.register_buffer("relative_position_index", None if table is None else src.relative_position_index,
+                             persistent=False)
+        self.register_buffer("tokens", None, persistent=False)  # original ids of the kept tokens (BEiT)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+    def _rel_bias(self, shared: torch.Tensor | None) -> torch.Tensor | None:
+        """The relative position bias of the kept heads and tokens, (H', N', N')."""
+        bias = None
+        if self.relative_position_bias_table is not None:
+            n0 = self.relative_position_index.shape[0]
+            bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n0, n0, -1)
+            bias = bias.permute(2, 0, 1)  # (H, N0, N0)
+        if shared is not None:
+            shared = shared.reshape(shared.shape[-3:])
+            bias = shared if bias is None else bias + shared
+        if bias is None:
+            return None
+        bias = bias.index_select(0, self.heads)
+        return bias.index_select(1, self.tokens).index_select(2, self.tokens)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
+                shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
         from timm.layers.pos_embed_sincos import apply_rot_embed_cat
         from .slim import linear
         B, N, _ = x.shape
+        rel = self._rel_bias(shared_rel_pos_bias)
         A = self.attn_dim
         qkv = linear(x, self.qkv)  # (B, N, 3A)
         b = _full_bias([self.q_bias, self.k_bias, self.v_bias], A, self.qkv.weight)
@@ -432,12 +517,14 @@ class EvaSlimAttention(nn.Module):
                 r = rope[h0:h0 + heads] if rope.dim() == 3 else rope
                 q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], r, half=self.rotate_half)], 2).type_as(v)
                 k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], r, half=self.rotate_half)], 2).type_as(v)
+            b = None if rel is None else rel[h0:h0 + heads].unsqueeze(0)  # (1, heads, N, N)
             if self.fused_attn:
                 o = torch.nn.functional.scaled_dot_product_attention(
-                    q.contiguous(), k.contiguous(), v.contiguous(),
+                    q.contiguous(), k.contiguous(), v.contiguous(), attn_mask=b,
                     dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale)
             else:
-                o = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+                s = (q * self.scale) @ k.transpose(-2, -1)
+                o = self.attn_drop((s if b is None else s + b).softmax(dim=-1)) @ v
             parts.append(o.transpose(1, 2).reshape(B, N, w))
             start += w
             h0 += heads
@@ -461,7 +548,7 @@ class EvaSlimBlock(nn.Module):
         self.norm2, self.mlp, self.ls2, self.drop_path2 = norm2, mlp, ls2, drop_path2
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
+                is_causal: bool = False, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
         from .errors import VitSlimError
         if attn_mask is not None or is_causal:
             raise VitSlimError("a slim EVA model does not take an attention mask")
@@ -471,7 +558,8 @@ class EvaSlimBlock(nn.Module):
         if self.keep is not None:
             x = x.index_select(1, self.keep)
         if self.attn is not None:
-            a = self.attn(self.norm1(x), rope) if isinstance(self.attn, EvaSlimAttention) else self.attn(x)
+            a = self.attn(self.norm1(x), rope, shared_rel_pos_bias) if isinstance(self.attn, EvaSlimAttention) \
+                else self.attn(x)
             x = x + self.drop_path1(self.ls1(a))
         if self.mlp is not None:
             x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -505,6 +593,8 @@ def slim_eva_block(model: nn.Module, blk: nn.Module, plan, layer: int, attn_fold
     a_keep = plan.attn[layer]
     if a_keep.any():
         attn = slim_eva_attention(blk.attn, a_keep, attn_fold, np.flatnonzero(plan.token[layer]), spec.head_only)
+        attn.tokens = torch.as_tensor(np.concatenate([np.arange(P), P + np.flatnonzero(plan.token[layer])]),
+                                      device=dev)
         norm1, dp1 = blk.norm1, blk.drop_path1
     else:
         attn = _branch_bias(blk.attn.proj, ls1)
@@ -522,7 +612,7 @@ def slim_eva_attention(attn: nn.Module, keep: np.ndarray, fold: torch.Tensor | N
                        head_only: bool) -> EvaSlimAttention:
     from .errors import PlanMismatchError
     from .slim import _head_groups
-    H, d = keep.shape
+    H, d = keep.shape  # noqa: F841
     if head_only and not np.all(keep.all(1) | ~keep.any(1)):
         raise PlanMismatchError("this model has rotary embeddings or a q/k norm: a plan must keep whole heads "
                                 "(make it from scores searched with attn='head')")
@@ -554,5 +644,5 @@ def slim_eva_attention(attn: nn.Module, keep: np.ndarray, fold: torch.Tensor | N
     proj = slice_linear(attn.proj, cols=cols_t)
     out = EvaSlimAttention(qkv, biases, proj, groups, torch.as_tensor(heads, device=dev),
                            torch.as_tensor(patches, device=dev), attn)
-    out.norm = slice_norm(attn.norm, cols_t)
+    out.norm = slice_norm(getattr(attn, "norm", nn.Identity()), cols_t)
     return out

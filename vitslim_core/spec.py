@@ -37,7 +37,8 @@ class ArchSpec:
         pool_token_macs, pool_fixed_macs: MACs of an attention-pool head (``global_pool='map'``) per token
             that reaches it and in total otherwise (0 without one).
         pool_prefix: the attention-pool head reads the prefix tokens too (timm's ``pool_include_prefix``).
-        family: "" for timm VisionTransformer, "eva" for timm Eva (blocks are slimmed by families.py).
+        family: "" for timm VisionTransformer, "eva" / "beit" for timm Eva / Beit (blocks slimmed by families.py).
+        attn_extra_params: parameters of one block's relative position bias table (BEiT; 0 when absent).
         qkv_bias_parts: how many of q, k, v carry a bias when ``qkv_bias`` (EVA: q and v, so 2).
         head_only: attention units must be whole heads (rotary embeddings rotate pairs of head dims, a q/k
             norm normalises each head).
@@ -79,6 +80,7 @@ class ArchSpec:
     mlp_ls: bool = True
     mlp_norm_params: int = 0
     attn_norm_params: int = 0
+    attn_extra_params: int = 0
     model_name: str = ""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -132,7 +134,7 @@ class ArchSpec:
                     if not isinstance(v, bool):
                         raise ValueError(f"{f.name} must be true or false")
                 elif f.name == "family":
-                    if v not in ("", "eva"):
+                    if v not in ("", "eva", "beit"):
                         raise ValueError(f"unknown model family {str(v)[:20]!r}")
                 elif f.name == "global_pool" or f.name == "model_name":
                     v = str(v)
@@ -173,7 +175,7 @@ class ArchSpec:
 # Fields added after format version 1 was fixed: files without them describe plain models (defaults).
 _OPTIONAL = ("model_name", "model_kwargs", "mlp_glu", "pool_token_macs", "pool_fixed_macs", "pool_prefix",
              "family", "qkv_bias_parts", "head_only", "qk_norm_params", "mlp_ls", "mlp_norm_params",
-             "attn_norm_params")
+             "attn_norm_params", "attn_extra_params")
 
 # Upper bounds of a description read from a file (ViT-g/14 at 518 px is far inside them): a damaged or
 # hostile header must not make plans allocate or compute for absurd sizes.
@@ -181,7 +183,7 @@ _LIMITS = {"depth": 1024, "embed_dim": 1 << 16, "num_heads": 1024, "head_dim": 4
            "num_prefix_tokens": 1024, "grid": 1024, "patch_size": 1024, "in_chans": 64, "num_classes": 1 << 20,
            "num_out_heads": 2, "norm1_params": 1 << 40, "norm2_params": 1 << 40, "ls_params": 1 << 40,
            "dense_params": 1 << 40, "pool_token_macs": 1 << 40, "pool_fixed_macs": 1 << 50, "qkv_bias_parts": 3, "qk_norm_params": 1 << 30, "mlp_norm_params": 2,
-           "attn_norm_params": 2}
+           "attn_norm_params": 2, "attn_extra_params": 1 << 30}
 MAX_UNITS = 1 << 24  # per dimension, over all layers
 
 
@@ -326,10 +328,10 @@ def check_supported(model: nn.Module) -> None:
     from timm.layers.attention import Attention
     from timm.models.vision_transformer import Block, VisionTransformer
 
-    if families.is_eva(model):  # timm Eva: EVA02, rope ViTs, DINOv3, PE (families.py)
-        problem = families.eva_problem(model)
+    if families.is_eva(model) or families.is_beit(model):  # timm Eva (EVA02, rope ViTs, DINOv3, PE), Beit
+        problem = families.eva_problem(model) if families.is_eva(model) else families.beit_problem(model)
         if problem:
-            raise UnsupportedModelError(f"Eva {problem}")
+            raise UnsupportedModelError(f"{type(model).__name__} {problem}")
         return
     if not isinstance(model, VisionTransformer):
         part = families.UNSUPPORTED_CLASSES.get(type(model).__name__)
@@ -378,7 +380,7 @@ def arch_spec(model: nn.Module, model_name: str = "", model_kwargs: dict | None 
     check_supported(model)
     blk0 = model.blocks[0]
     a, m = blk0.attn, blk0.mlp
-    shapes = {(b.attn.num_heads, b.attn.head_dim, b.mlp.fc2.in_features, type(b.mlp)) for b in model.blocks}
+    shapes = {(b.attn.num_heads, families.head_dim(b.attn), b.mlp.fc2.in_features, type(b.mlp)) for b in model.blocks}
     if len(shapes) != 1:
         raise UnsupportedModelError("blocks of different widths are not supported")
     pe = model.patch_embed
@@ -387,12 +389,12 @@ def arch_spec(model: nn.Module, model_name: str = "", model_kwargs: dict | None 
     masks_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("slim_masks."))
     ls = getattr(blk0, "ls1", None)
     pool_macs = families.attn_pool_macs(getattr(model, "attn_pool", None))
-    eva = families.eva_spec_fields(model) if families.is_eva(model) else {}
+    eva = families.eva_spec_fields(model) if families.family_of(model) else {}
     return dataclasses.replace(ArchSpec(
         depth=len(model.blocks),
         embed_dim=int(model.embed_dim),
         num_heads=int(a.num_heads),
-        head_dim=int(a.head_dim),
+        head_dim=families.head_dim(a),
         mlp_hidden=int(m.fc2.in_features),
         num_prefix_tokens=int(model.num_prefix_tokens),
         grid=tuple(int(g) for g in pe.grid_size),
