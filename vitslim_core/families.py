@@ -1,18 +1,20 @@
 """Parts of timm ViT families beyond the plain GELU-MLP VisionTransformer: what to mask, cost and slim.
 
-Supported here (inside timm's ``VisionTransformer``):
+Inside timm's ``VisionTransformer`` (the block code of slim.py, with dispatch points here):
 
 * gated MLPs, ``GluMlp`` (packed gate and value rows in one ``fc1``, e.g. ``SwiGLUPacked`` of DINOv2-g)
   and ``SwiGLU`` (separate ``fc1_g`` / ``fc1_x``): one score per hidden unit, shared by its gate row and
-  its value row. The score acts where it does for a plain MLP, on the input columns of ``fc2``, so masks,
-  plans and the binary-mask reference need nothing new; the slim MLP keeps the gate and value rows of the
-  kept units. Exact.
-* the attention-pool head (``global_pool='map'``, SigLIP): kept dense. It reads every token that reaches
-  the end (prefix + last layer's kept patches), so its key/value projection costs MACs per token.
-  Exact.
+  its value row, acting on the input columns of ``fc2`` as for a plain MLP. Exact.
+* the attention-pool head (``global_pool='map'``, SigLIP): kept dense; it reads the tokens that reach
+  the end, so its key/value projection costs MACs per token. Exact.
 
-Everything else that timm builds (EVA/rope, BEiT and relative-position ViTs, SAM, NaFlex, qk-norm,
-sub-LN MLPs...) is refused by ``spec.check_supported`` with the part it cannot handle.
+timm ``Eva`` (EVA02, rope ViTs, DINOv3, PE, Sapiens2) and ``Beit``: their blocks are masked, costed and
+slimmed here (``EvaSlimBlock``/``EvaSlimAttention``): rope (whole heads, rope rows of kept patches
+gathered), q/k norms (whole heads), BEiT's relative position bias (rows/cols of kept tokens and kept heads
+gathered), q/v biases, gamma layer scale, sub-LNs (sliced: not exact, see README).
+
+Everything else (relative-position ViTs, SAM, NaFlex, grouped-query attention...) is refused by
+``spec.check_supported`` with the part it cannot handle.
 """
 from __future__ import annotations
 
