@@ -5,7 +5,8 @@ Time: interleaved rounds in one process, median per step. Peak memory: each vari
 subprocess; we report its peak resident set size (VmHWM) and how much it grew during the steps after
 the model, the optimizer state and a warm-up step exist (the activations of one step).
 
-    python benchmarks/bench_search_step.py            # DeiT-S shape (img 224, batch 8) and the demo model
+    python benchmarks/bench_search_step.py            # DeiT-S, EVA02-S shapes (img 224, batch 8), the demo model
+    python benchmarks/bench_search_step.py --case eva02 --case deit   # only the cases whose name holds these
     python benchmarks/bench_search_step.py --quick    # smaller: DeiT-S shape at batch 4
     python benchmarks/bench_search_step.py --device cuda [--amp]   # GPU: DeiT-S batch 64, peak = CUDA allocator
     python benchmarks/bench_search_step.py --compile   # also torch.compile-d steps (time and kernels per step)
@@ -34,8 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CASES = {
     "deit_small (224px)": dict(name="deit_small_patch16_224", kwargs={}, batch=8, classes=1000),
+    # EVA02-S: rope (whole-head attention scores), SwiGLU MLP (GluMlp), q/v biases, 256 patches of 14 px
+    "eva02_small (224px)": dict(name="eva02_small_patch14_224", kwargs={"num_classes": 1000}, batch=8, classes=1000),
     "digits-vit demo": dict(name="digits-vit", kwargs={}, batch=64, classes=10),
 }
+BIG = ("deit_small (224px)", "eva02_small (224px)")
 
 
 OPS_CASES = {
@@ -187,7 +191,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (as vitslim search does on CUDA)")
-    ap.add_argument("--batch", type=int, help="DeiT-S batch size (default 8 on CPU, 64 on CUDA)")
+    ap.add_argument("--batch", type=int, help="DeiT-S / EVA02-S batch size (default 8 on CPU, 64 on CUDA)")
+    ap.add_argument("--case", action="append", default=[], help="run only cases whose name contains this")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile-d steps and count their kernels")
     ap.add_argument("--recompute-norms", action="store_true", help="masks recompute their norms in backward")
     ap.add_argument("--no-ops", action="store_true", help="skip the operation counts")
@@ -196,15 +201,22 @@ def main() -> None:
     global DEVICE, AMP, RECOMPUTE
     DEVICE, AMP, RECOMPUTE = torch.device(args.device), args.amp, args.recompute_norms
     torch.set_num_threads(args.threads)
+    for name in [n for n in CASES if args.case and not any(c in n for c in args.case)]:
+        del CASES[name]
+    big = [n for n in BIG if n in CASES]
     if args.quick:
-        CASES["deit_small (224px)"]["batch"] = 4
+        for n in big:
+            CASES[n]["batch"] = 4
     rounds, steps = (3, 2) if args.quick else (5, 3)
     if DEVICE.type == "cuda":
-        CASES["deit_small (224px)"]["batch"] = 64
-        CASES["digits-vit demo"]["batch"] = 256
+        for n in big:
+            CASES[n]["batch"] = 64
+        if "digits-vit demo" in CASES:
+            CASES["digits-vit demo"]["batch"] = 256
         rounds, steps = 7, 10
     if args.batch:
-        CASES["deit_small (224px)"]["batch"] = args.batch
+        for n in big:
+            CASES[n]["batch"] = args.batch
     modes = [False, True] if args.compile else [False]
     where = (f"CUDA {torch.cuda.get_device_name()}{', bf16 autocast' if AMP else ', fp32'}; peak = CUDA allocator"
              if DEVICE.type == "cuda" else f"CPU, {args.threads} threads")

@@ -228,8 +228,9 @@ def add_search(sub) -> None:
     _add_model_args(p, "digits-vit")
     p.add_argument("--out", default="runs/search", help="run folder to write (default %(default)s)")
     g = p.add_argument_group("search")
-    g.add_argument("--attn-mode", default="head_dim", choices=["head_dim", "head", "uniform"],
-                   help="attention scores per head-dim (paper), per head, or per dim shared by heads")
+    g.add_argument("--attn-mode", default=None, choices=["head_dim", "head", "uniform"],
+                   help="attention scores per head-dim (paper), per head, or per dim shared by heads (default: "
+                        "head_dim, or head for models with rotary embeddings or a q/k norm)")
     g.add_argument("--w-attn", type=_non_negative, default=5e-5, help="l1 weight of attention scores (default %(default)s)")
     g.add_argument("--w-mlp", type=_non_negative, default=1.25e-5, help="l1 weight of MLP scores (default %(default)s)")
     g.add_argument("--w-token", type=_non_negative, default=2.5e-5, help="l1 weight of token scores (default %(default)s)")

@@ -6,6 +6,9 @@ what ``torch.utils.flop_counter.FlopCounterMode`` counts (divided by 2) with fus
 * patch embedding:  M * C * in_chans * ph * pw
 * block l, with N_l = P + kept tokens, A_l = kept attention dims (all heads), h_l = kept MLP units:
   qkv N*C*3A + q@k^T N*N*A + attn@v N*N*A + proj N*A*C + fc1 N*C*h + fc2 N*h*C
+  (a gated MLP, GluMlp/SwiGLU, has a gate and a value row per unit: fc1 costs N*C*2h)
+* attention-pool head (``global_pool='map'``, kept dense): ``pool_token_macs`` per token reaching it
+  (prefix + the last layer's kept patches) plus ``pool_fixed_macs``
 * classifier: C * classes (times 2 for distilled DeiT's two heads).
 
 A branch with no units left costs nothing; the slim model keeps only its output bias.
@@ -66,7 +69,13 @@ def layer_macs(spec: ArchSpec, attn_dims, mlp_units, tokens):
     A = np.asarray(attn_dims, dtype=np.int64)
     h = np.asarray(mlp_units, dtype=np.int64)
     N = np.asarray(tokens, dtype=np.int64)
-    return N * (4 * C * A + 2 * C * h) + 2 * N * N * A
+    return N * (4 * C * A + (2 + spec.mlp_glu) * C * h) + 2 * N * N * A
+
+
+def pool_macs(spec: ArchSpec, last_tokens):
+    """MACs of the attention-pool head for the tokens leaving the last block (0 without one)."""
+    n = np.asarray(last_tokens, dtype=np.int64) - (0 if spec.pool_prefix else spec.num_prefix_tokens)
+    return spec.pool_token_macs * n
 
 
 def layer_params(spec: ArchSpec, attn_dims, mlp_units):
@@ -74,15 +83,19 @@ def layer_params(spec: ArchSpec, attn_dims, mlp_units):
     C = spec.embed_dim
     A = np.asarray(attn_dims, dtype=np.int64)
     h = np.asarray(mlp_units, dtype=np.int64)
-    attn = (A > 0) * (spec.norm1_params + spec.ls_params + 4 * A * C + 3 * A * spec.qkv_bias) + C * spec.proj_bias
-    mlp = (h > 0) * (spec.norm2_params + spec.ls_params + 2 * h * C + h * spec.fc1_bias) + C * spec.fc2_bias
+    attn = (A > 0) * (spec.norm1_params + spec.ls_params + 4 * A * C + spec.qkv_bias_parts * A * spec.qkv_bias
+                     + spec.qk_norm_params + spec.attn_norm_params * A + spec.attn_extra_params) + C * spec.proj_bias
+    glu = int(spec.mlp_glu)
+    mlp = (h > 0) * (spec.norm2_params + spec.ls_params * spec.mlp_ls + (2 + glu) * h * C + (1 + glu) * h * spec.fc1_bias
+                     + spec.mlp_norm_params * h) \
+        + C * spec.fc2_bias
     return attn + mlp
 
 
 def fixed_macs(spec: ArchSpec) -> int:
-    """MACs outside the blocks: patch embedding and classifier."""
+    """MACs outside the blocks that do not depend on a plan: patch embedding, pool head's fixed part, classifier."""
     ph, pw = spec.patch_size
-    return (spec.num_patches * spec.embed_dim * spec.in_chans * ph * pw
+    return (spec.num_patches * spec.embed_dim * spec.in_chans * ph * pw + spec.pool_fixed_macs
             + spec.embed_dim * spec.num_classes * spec.num_out_heads)
 
 
@@ -92,7 +105,8 @@ def fixed_params(spec: ArchSpec) -> int:
 
 
 def dense_macs(spec: ArchSpec) -> int:
-    return fixed_macs(spec) + spec.depth * int(layer_macs(spec, spec.attn_dim, spec.mlp_hidden, spec.num_tokens))
+    return (fixed_macs(spec) + spec.depth * int(layer_macs(spec, spec.attn_dim, spec.mlp_hidden, spec.num_tokens))
+            + int(pool_macs(spec, spec.num_tokens)))
 
 
 def count_cost(arch_or_model: Any, plan: PlanLike | None = None) -> Cost:
@@ -109,7 +123,7 @@ def count_cost(arch_or_model: Any, plan: PlanLike | None = None) -> Cost:
         return Cost(d_macs, spec.dense_params, d_macs, spec.dense_params)
     spec.check_same_shape(plan.spec)
     A, h, N = plan.widths()
-    macs = fixed_macs(spec) + int(layer_macs(spec, A, h, N).sum())
+    macs = fixed_macs(spec) + int(layer_macs(spec, A, h, N).sum()) + int(pool_macs(spec, N[-1]))
     params = fixed_params(spec) + int(layer_params(spec, A, h).sum())
     return Cost(macs, params, d_macs, spec.dense_params)
 

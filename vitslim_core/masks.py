@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import families
 from .errors import VitSlimError
 from .spec import ArchSpec, arch_spec
 
@@ -287,9 +288,16 @@ def _unswap(module: nn.Module) -> None:
         module.__class__ = orig
 
 
+def _attn_target(blk: nn.Module) -> tuple[nn.Module, type]:
+    """The layer that carries a block's attention scores and its masked class (families.py: EVA)."""
+    if families.is_eva_attention(blk.attn):
+        return blk.attn, families.masked_attention_class(blk.attn.__dict__.get("_vitslim_orig_class", type(blk.attn)))
+    return blk.attn.qkv, _RowMaskedLinear
+
+
 def _masked_modules(model: nn.Module):
     for blk in model.blocks:
-        yield from (blk.attn.qkv, blk.mlp.fc2, blk.norm1, blk.norm2)
+        yield from (_attn_target(blk)[0], blk.mlp.fc2, blk.norm1, blk.norm2)
 
 
 def get_masks(model: nn.Module) -> SlimMasks | None:
@@ -298,12 +306,13 @@ def get_masks(model: nn.Module) -> SlimMasks | None:
     return m if isinstance(m, SlimMasks) else None
 
 
-def add_masks(model: nn.Module, attn: AttnMode = "head_dim", recompute_norms: bool = False) -> nn.Module:
+def add_masks(model: nn.Module, attn: AttnMode | None = None, recompute_norms: bool = False) -> nn.Module:
     """Attach learnable score masks (all kept: 1.0, tokens tanh(3)) to a timm ViT, in place.
 
     Args:
         model: a timm VisionTransformer or VisionTransformerDistilled.
-        attn: "head_dim" (H x d scores, the paper's default), "head" (H) or "uniform" (d).
+        attn: "head_dim" (H x d scores, the paper's default), "head" (H) or "uniform" (d). None: "head_dim",
+            or "head" for models whose attention units must be whole heads (rotary embeddings).
         recompute_norms: recompute the token-masked norm outputs in backward instead of storing them
             (two activations of (B, N, C) less per block, about 10 more operations per block and step).
 
@@ -313,10 +322,15 @@ def add_masks(model: nn.Module, attn: AttnMode = "head_dim", recompute_norms: bo
     if get_masks(model) is not None:
         raise VitSlimError("the model already has masks; call remove_masks(model) first")
     spec = arch_spec(model)
+    if attn is None:
+        attn = "head" if spec.head_only else "head_dim"
+    if spec.head_only and attn != "head":
+        raise VitSlimError(f"this model has rotary embeddings (they rotate pairs of head dims) or a per-head q/k "
+                           f"norm, so its attention is pruned by whole heads: use attn='head' (got {attn!r})")
     ref = next(model.parameters())
     masks = SlimMasks(spec, attn, recompute_norms).to(device=ref.device, dtype=ref.dtype)
     for l, blk in enumerate(model.blocks):
-        _swap(blk.attn.qkv, _RowMaskedLinear, masks.attn[l])
+        _swap(*_attn_target(blk), masks.attn[l])
         _swap(blk.mlp.fc2, _ColMaskedLinear, masks.mlp[l])
         _swap(blk.norm1, _masked_norm_class(type(blk.norm1)), masks.token[l])
         _swap(blk.norm2, _masked_norm_class(type(blk.norm2)), masks.token[l])

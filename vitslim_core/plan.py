@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .cost import Cost, count_cost, fixed_macs, layer_macs
+from .cost import Cost, count_cost, fixed_macs, layer_macs, pool_macs
 from .errors import BudgetError, ScoreFileError
 from .io import atomic_write_json, read_json
 from .scores import MaskScores
@@ -353,7 +353,8 @@ class RemovalOrder:
             m = np.zeros((E + 1, L), dtype=np.int64)
             m[np.arange(1, E + 1), layer] = deltas
             state[name] = widths[name] + np.cumsum(m, axis=0)  # (E+1, L) width of each layer after e events
-        self.macs = fixed_macs(s) + layer_macs(s, state["attn"], state["mlp"], state["token"]).sum(1)
+        self.macs = (fixed_macs(s) + layer_macs(s, state["attn"], state["mlp"], state["token"]).sum(1)
+                     + pool_macs(s, state["token"][:, -1]))
         self.dense_macs = int(self.macs[0])
         self.counts = np.zeros((E + 1, 3), dtype=np.int64)  # units removed per dimension after e events
         for k in range(3):

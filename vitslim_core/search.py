@@ -46,7 +46,7 @@ class SearchConfig(LoopConfig):
     pretrained: bool = False
     checkpoint: str | None = None
     img_size: int | None = None
-    attn_mode: str = "head_dim"
+    attn_mode: str | None = None  # None: "head_dim", or "head" where the model needs whole heads (rope, qk-norm)
     w_attn: float = 5e-5
     w_mlp: float = 1.25e-5
     w_token: float = 2.5e-5
@@ -74,7 +74,7 @@ class SearchConfig(LoopConfig):
         return cls(**{**recipe(name, "search"), "recipe": name, **overrides})
 
     def validate(self) -> None:
-        if self.attn_mode not in ATTN_MODES:
+        if self.attn_mode is not None and self.attn_mode not in ATTN_MODES:
             raise VitSlimError(f"--attn-mode must be one of {', '.join(ATTN_MODES)}")
         for k in ("w_attn", "w_mlp", "w_token", "lr", "weight_decay"):
             if getattr(self, k) < 0:

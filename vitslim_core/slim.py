@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.nn.utils import skip_init
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import families
 from .errors import BudgetError, PlanMismatchError, ScoreFileError, VitSlimError
 from .io import atomic_dir, read_json
 from .masks import get_masks, remove_masks
@@ -273,6 +274,9 @@ def slim_attention(attn: nn.Module, keep: np.ndarray, fold: torch.Tensor | None 
 
 def slim_mlp(mlp: nn.Module, keep: np.ndarray, fold: torch.Tensor | None = None) -> SlimMlp:
     """Slice a timm Mlp to the kept hidden units; ``fold`` scores multiply the activation output."""
+    if families.is_glu(mlp) or not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+        # GluMlp / SwiGLU (gate and value rows of a unit go together) or a sub-LN MLP
+        return families.slim_glu_mlp(mlp, keep, fold)
     dev = mlp.fc1.weight.device
     idx = torch.as_tensor(np.flatnonzero(keep), device=dev)
     col_scale = fold.detach().to(dev).index_select(0, idx) if fold is not None else None
@@ -360,8 +364,12 @@ def slim_model(model: nn.Module, plan: SlimPlan, fold_scores: bool = True) -> nn
     attn_fold, mlp_fold = _fold_scores(model, fold_scores)
     slim = copy.deepcopy(model)
     remove_masks(slim)
-    blocks = [slim_block(blk, plan, l, attn_fold[l], mlp_fold[l]) for l, blk in enumerate(slim.blocks)]
-    slim.blocks = nn.Sequential(*blocks)
+    if plan.spec.family in ("eva", "beit"):  # timm Eva / Beit call each block with rope / rel-pos bias
+        slim.blocks = nn.ModuleList(families.slim_eva_block(slim, blk, plan, l, attn_fold[l], mlp_fold[l])
+                                    for l, blk in enumerate(slim.blocks))
+    else:
+        slim.blocks = nn.Sequential(*[slim_block(blk, plan, l, attn_fold[l], mlp_fold[l])
+                                      for l, blk in enumerate(slim.blocks)])
     slim.slim_plan = plan
     return slim
 
@@ -398,7 +406,7 @@ class HardMaskedViT(nn.Module):
         return attn.proj(x.transpose(1, 2).reshape(B, N, H * d))
 
     def _mlp(self, mlp: nn.Module, x: torch.Tensor, l: int) -> torch.Tensor:
-        return mlp.fc2(mlp.act(mlp.fc1(x)) * self.mlp_mult[l])
+        return mlp.fc2(families.mlp_hidden(mlp, x) * self.mlp_mult[l])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
@@ -435,11 +443,13 @@ def apply_hard_masks(model: nn.Module, plan: SlimPlan, fold_scores: bool = True)
         if attn_fold[l] is not None:
             attn_mult[l] *= attn_fold[l].to(attn_mult)
             mlp_mult[l] *= mlp_fold[l].to(mlp_mult)
-    attn_mult = attn_mult.reshape(s.depth, 1, -1).repeat(1, 3, 1).reshape(s.depth, -1)  # same for q, k, v
     kept = np.concatenate([np.ones((s.depth, s.num_prefix_tokens), bool), plan.token], axis=1)  # (L, N)
     key_bias = torch.zeros(kept.shape, dtype=ref.dtype, device=ref.device)
     key_bias[torch.as_tensor(~kept, device=ref.device)] = float("-inf")
     final_keep = torch.as_tensor(np.flatnonzero(kept[-1]), device=ref.device)
+    if s.family in ("eva", "beit"):
+        return families.EvaHardMasked(dense, plan, attn_mult, mlp_mult, key_bias, final_keep)
+    attn_mult = attn_mult.reshape(s.depth, 1, -1).repeat(1, 3, 1).reshape(s.depth, -1)  # same for q, k, v
     return HardMaskedViT(dense, plan, attn_mult, mlp_mult, key_bias, final_keep)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from . import families
 from .errors import PlanMismatchError, UnsupportedModelError
 
 
@@ -32,6 +33,19 @@ class ArchSpec:
         norm1_params, norm2_params: parameters of one norm1 / norm2 layer.
         ls_params: parameters of one LayerScale (0 when absent).
         dense_params: parameter count of the whole dense model.
+        mlp_glu: the MLP is gated (GluMlp / SwiGLU): fc1 has a gate and a value row per hidden unit.
+        pool_token_macs, pool_fixed_macs: MACs of an attention-pool head (``global_pool='map'``) per token
+            that reaches it and in total otherwise (0 without one).
+        pool_prefix: the attention-pool head reads the prefix tokens too (timm's ``pool_include_prefix``).
+        family: "" for timm VisionTransformer, "eva" / "beit" for timm Eva / Beit (blocks slimmed by families.py).
+        attn_extra_params: parameters of one block's relative position bias table (BEiT; 0 when absent).
+        qkv_bias_parts: how many of q, k, v carry a bias when ``qkv_bias`` (EVA: q and v, so 2).
+        head_only: attention units must be whole heads (rotary embeddings rotate pairs of head dims, a q/k
+            norm normalises each head).
+        qk_norm_params: parameters of one block's q and k norms (0 when absent).
+        mlp_norm_params, attn_norm_params: parameters per unit of a sub-LN over the MLP hidden units / over
+            all attention dims (EVA02's scale_mlp / scale_attn_inner); slimming through one is not exact.
+        mlp_ls: the MLP branch has the layer scale too (False: EVA's attn_only_layer_scale).
         model_name / model_kwargs: how to rebuild it with ``vitslim_core.models``.
     """
 
@@ -55,8 +69,25 @@ class ArchSpec:
     norm2_params: int
     ls_params: int
     dense_params: int
+    mlp_glu: bool = False
+    pool_token_macs: int = 0
+    pool_fixed_macs: int = 0
+    pool_prefix: bool = True
+    family: str = ""
+    qkv_bias_parts: int = 3
+    head_only: bool = False
+    qk_norm_params: int = 0
+    mlp_ls: bool = True
+    mlp_norm_params: int = 0
+    attn_norm_params: int = 0
+    attn_extra_params: int = 0
     model_name: str = ""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exact(self) -> bool:
+        """Whether a slim model equals the binary-masked one (no sub-LN over pruned units)."""
+        return self.mlp_norm_params == 0 and self.attn_norm_params == 0
 
     @property
     def num_patches(self) -> int:
@@ -86,7 +117,7 @@ class ArchSpec:
         if not isinstance(d, dict):
             raise error("architecture description is not a mapping")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = [n for n in names if n not in d and n not in ("model_name", "model_kwargs")]
+        missing = [n for n in names if n not in d and n not in _OPTIONAL]
         if missing:
             raise error(f"architecture description lacks {', '.join(sorted(missing))}")
         kw: dict[str, Any] = {}
@@ -99,9 +130,12 @@ class ArchSpec:
                     v = tuple(_strict_int(x) for x in v)
                     if len(v) != 2 or min(v) < 1:
                         raise ValueError(f"{f.name} must be two positive integers")
-                elif f.name in ("qkv_bias", "proj_bias", "fc1_bias", "fc2_bias"):
+                elif f.name in ("qkv_bias", "proj_bias", "fc1_bias", "fc2_bias", "mlp_glu", "pool_prefix", "head_only", "mlp_ls"):
                     if not isinstance(v, bool):
                         raise ValueError(f"{f.name} must be true or false")
+                elif f.name == "family":
+                    if v not in ("", "eva", "beit"):
+                        raise ValueError(f"unknown model family {str(v)[:20]!r}")
                 elif f.name == "global_pool" or f.name == "model_name":
                     v = str(v)
                 elif f.name == "model_kwargs":
@@ -138,12 +172,18 @@ class ArchSpec:
                 f"but the model is {_describe(self)}")
 
 
+# Fields added after format version 1 was fixed: files without them describe plain models (defaults).
+_OPTIONAL = ("model_name", "model_kwargs", "mlp_glu", "pool_token_macs", "pool_fixed_macs", "pool_prefix",
+             "family", "qkv_bias_parts", "head_only", "qk_norm_params", "mlp_ls", "mlp_norm_params",
+             "attn_norm_params", "attn_extra_params")
+
 # Upper bounds of a description read from a file (ViT-g/14 at 518 px is far inside them): a damaged or
 # hostile header must not make plans allocate or compute for absurd sizes.
 _LIMITS = {"depth": 1024, "embed_dim": 1 << 16, "num_heads": 1024, "head_dim": 4096, "mlp_hidden": 1 << 18,
            "num_prefix_tokens": 1024, "grid": 1024, "patch_size": 1024, "in_chans": 64, "num_classes": 1 << 20,
            "num_out_heads": 2, "norm1_params": 1 << 40, "norm2_params": 1 << 40, "ls_params": 1 << 40,
-           "dense_params": 1 << 40}
+           "dense_params": 1 << 40, "pool_token_macs": 1 << 40, "pool_fixed_macs": 1 << 50, "qkv_bias_parts": 3, "qk_norm_params": 1 << 30, "mlp_norm_params": 2,
+           "attn_norm_params": 2, "attn_extra_params": 1 << 30}
 MAX_UNITS = 1 << 24  # per dimension, over all layers
 
 
@@ -249,12 +289,18 @@ def recipe_problem(spec: ArchSpec, kwargs: Any) -> str | None:
     ratio = kwargs.get("mlp_ratio")
     if ratio is not None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) \
-                or int(spec.embed_dim * ratio) != spec.mlp_hidden:
+                or spec.mlp_hidden not in _hidden_widths(spec, ratio):
             return f"model kwargs say mlp_ratio={ratio!r} but the MLP width is {spec.mlp_hidden}"
     reg = kwargs.get("reg_tokens")
     if reg is not None and (isinstance(reg, bool) or not isinstance(reg, int) or not 0 <= reg <= spec.num_prefix_tokens):
         return f"model kwargs say reg_tokens={reg!r} but the model has {spec.num_prefix_tokens} prefix tokens"
     return None
+
+
+def _hidden_widths(spec: ArchSpec, ratio: float) -> tuple[int, ...]:
+    """MLP widths an mlp_ratio can give: C * ratio, or half of it for a packed GluMlp (gate + value rows)."""
+    h = int(spec.embed_dim * ratio)
+    return (h, h // 2) if spec.mlp_glu else (h,)
 
 
 def _strict_int(v: Any) -> int:
@@ -279,16 +325,26 @@ def _base_type(module: nn.Module) -> type:
 
 def check_supported(model: nn.Module) -> None:
     """Raise UnsupportedModelError naming the first part ViT-Slim cannot handle."""
-    from timm.layers import Mlp
     from timm.layers.attention import Attention
     from timm.models.vision_transformer import Block, VisionTransformer
 
+    if families.is_eva(model) or families.is_beit(model):  # timm Eva (EVA02, rope ViTs, DINOv3, PE), Beit
+        problem = families.eva_problem(model) if families.is_eva(model) else families.beit_problem(model)
+        if problem:
+            raise UnsupportedModelError(f"{type(model).__name__} {problem}")
+        return
     if not isinstance(model, VisionTransformer):
+        part = families.UNSUPPORTED_CLASSES.get(type(model).__name__)
+        if part:
+            raise UnsupportedModelError(f"{type(model).__name__}: {part} is not supported yet")
         raise UnsupportedModelError(
             f"{type(model).__name__} is not a timm VisionTransformer "
-            "(ViT-Slim supports ViT/DeiT-style models: plain blocks, standard attention, GELU MLP)")
-    if getattr(model, "attn_pool", None) is not None:
-        raise UnsupportedModelError("attention-pool head (global_pool='map') is not supported")
+            "(ViT-Slim supports ViT/DeiT-style models: plain blocks, standard attention, plain or gated MLP)")
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None:  # kept dense (families.py)
+        problem = families.attn_pool_problem(pool)
+        if problem:
+            raise UnsupportedModelError(problem)
     if getattr(model, "dynamic_img_size", False):
         raise UnsupportedModelError("dynamic_img_size=True is not supported: token masks need a fixed patch grid")
     if not isinstance(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
@@ -311,13 +367,12 @@ def check_supported(model: nn.Module) -> None:
         if _base_type(a.qkv) is not nn.Linear or _base_type(a.proj) is not nn.Linear:
             raise UnsupportedModelError(f"block {i} attention projections are not plain nn.Linear layers")
         m = blk.mlp
-        if type(m) is not Mlp:
+        if type(m) not in families.mlp_classes():  # Mlp, GluMlp, SwiGLU (families.py)
             raise UnsupportedModelError(
-                f"block {i} MLP is {type(m).__name__} (SwiGLU/GLU MLPs are not supported, only timm Mlp)")
-        if not isinstance(m.norm, nn.Identity):
-            raise UnsupportedModelError(f"block {i} MLP has a hidden norm (scale_mlp_norm is not supported)")
-        if getattr(m, "use_conv", False) or _base_type(m.fc1) is not nn.Linear or _base_type(m.fc2) is not nn.Linear:
-            raise UnsupportedModelError(f"block {i} MLP layers are not plain nn.Linear layers")
+                f"block {i} MLP is {type(m).__name__} (supported: timm Mlp, GluMlp, SwiGLU)")
+        problem = families.mlp_problem(m)
+        if problem:
+            raise UnsupportedModelError(f"block {i} MLP {type(m).__name__} {problem}")
 
 
 def arch_spec(model: nn.Module, model_name: str = "", model_kwargs: dict | None = None) -> ArchSpec:
@@ -325,20 +380,22 @@ def arch_spec(model: nn.Module, model_name: str = "", model_kwargs: dict | None 
     check_supported(model)
     blk0 = model.blocks[0]
     a, m = blk0.attn, blk0.mlp
-    shapes = {(b.attn.num_heads, b.attn.head_dim, b.mlp.fc1.out_features) for b in model.blocks}
+    shapes = {(b.attn.num_heads, families.head_dim(b.attn), b.mlp.fc2.in_features, type(b.mlp)) for b in model.blocks}
     if len(shapes) != 1:
         raise UnsupportedModelError("blocks of different widths are not supported")
     pe = model.patch_embed
     has_dist = getattr(model, "head_dist", None) is not None
     num_classes = int(getattr(model, "num_classes", 0))
     masks_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("slim_masks."))
-    ls = blk0.ls1
-    return ArchSpec(
+    ls = getattr(blk0, "ls1", None)
+    pool_macs = families.attn_pool_macs(getattr(model, "attn_pool", None))
+    eva = families.eva_spec_fields(model) if families.family_of(model) else {}
+    return dataclasses.replace(ArchSpec(
         depth=len(model.blocks),
         embed_dim=int(model.embed_dim),
         num_heads=int(a.num_heads),
-        head_dim=int(a.head_dim),
-        mlp_hidden=int(m.fc1.out_features),
+        head_dim=families.head_dim(a),
+        mlp_hidden=int(m.fc2.in_features),
         num_prefix_tokens=int(model.num_prefix_tokens),
         grid=tuple(int(g) for g in pe.grid_size),
         patch_size=tuple(int(p) for p in pe.proj.kernel_size),
@@ -346,14 +403,18 @@ def arch_spec(model: nn.Module, model_name: str = "", model_kwargs: dict | None 
         num_classes=num_classes,
         num_out_heads=2 if has_dist else 1,
         global_pool=str(model.global_pool),
-        qkv_bias=a.qkv.bias is not None,
+        qkv_bias=a.qkv is not None and a.qkv.bias is not None,
         proj_bias=a.proj.bias is not None,
-        fc1_bias=m.fc1.bias is not None,
+        fc1_bias=families.fc1_has_bias(m),
         fc2_bias=m.fc2.bias is not None,
         norm1_params=_numel(blk0.norm1),
         norm2_params=_numel(blk0.norm2),
-        ls_params=0 if isinstance(ls, nn.Identity) else _numel(ls),
+        ls_params=0 if ls is None or isinstance(ls, nn.Identity) else _numel(ls),
         dense_params=_numel(model) - masks_params,
+        mlp_glu=families.is_glu(m),
+        pool_token_macs=pool_macs[0],
+        pool_fixed_macs=pool_macs[1],
+        pool_prefix=bool(getattr(model, "pool_include_prefix", True)),
         model_name=model_name,
         model_kwargs=dict(model_kwargs or {}),
-    )
+    ), **eva)
