@@ -39,6 +39,9 @@ def check_cost(slim: torch.nn.Module, x: torch.Tensor) -> None:
     """test_slim's exact-cost check on a frozen copy: FlopCounterMode's module tracker cannot hook the
     grad-requiring view that timm's attention pool makes of its latent under no_grad (a torch quirk)."""
     frozen = copy.deepcopy(slim).requires_grad_(False)
+    spec = slim.slim_plan.spec
+    if spec.attn_extra_macs or spec.fixed_extra_macs:
+        x = x[:1]  # a RelPosMlp bias is computed once per forward, whatever the batch: cost is per image
     _check_cost(frozen, x)
 
 
@@ -159,7 +162,7 @@ def test_pool_head_reads_kept_tokens_and_its_cost_scales_with_them():
     check_cost(slim, x)
 
 
-@pytest.mark.parametrize("key", ["dinov2_glu", "siglip_map"])
+@pytest.mark.parametrize("key", ["dinov2_glu", "siglip_map", "relpos_mlp_cls", "relpos_rpn_postnorm"])
 def test_flops_budget_plans_are_exact(key):
     m = make(key, fused=False)
     spec = arch_spec(m)
@@ -181,7 +184,7 @@ def test_flops_budget_plans_are_exact(key):
         assert abs(plan.flops_ratio - ratio) < 0.05
 
 
-@pytest.mark.parametrize("key", ["dinov2_reg_glu", "siglip_map"])
+@pytest.mark.parametrize("key", ["dinov2_reg_glu", "siglip_map", "srelpos_shared", "relpos_rpn_postnorm"])
 def test_save_load_roundtrip(key, tmp_path):
     """Invariant 6 through the ordinary files (the recipe rebuilds the timm name with small kwargs)."""
     name, kw, _ = MODELS[key]
@@ -214,7 +217,7 @@ def test_old_plan_files_without_the_new_fields_still_load():
 
 @pytest.mark.parametrize("name,part", [
     ("eva02_enormous_patch14_clip_224", "post-norm"), ("beit3_base_patch16_224", "norm"),
-    ("vit_relpos_small_patch16_224", "RelPosAttention"), ("samvit_base_patch16", "windowed attention"),
+    ("samvit_base_patch16", "windowed attention"),
     ("vit_base_patch16_rpn_224", "ResPostBlock"), ("vit_base_mci_224", "HybridEmbed"),
 ])
 def test_still_refused_families_name_the_part(name, part, one_line):
@@ -240,8 +243,31 @@ EVA = {
     "beit_relpos": ("beit_base_patch16_224", dict(img_size=32, patch_size=8, **SMALL), 32),
     "beit_shared_relpos": ("beitv2_base_patch16_224", dict(img_size=32, patch_size=8, use_shared_rel_pos_bias=True,
                                                           use_rel_pos_bias=False, **SMALL), 32),
+    # VisionTransformerRelPos: RelPosMlp bias per block (costs MACs) or shared, post-norm blocks, RelPosBias
+    "relpos_mlp_gap": ("vit_relpos_small_patch16_224", dict(img_size=32, patch_size=8, rel_pos_dim=16, **SMALL), 32),
+    "relpos_mlp_cls": ("vit_relpos_medium_patch16_cls_224", dict(img_size=32, patch_size=8, rel_pos_dim=16, **SMALL), 32),
+    "srelpos_shared": ("vit_srelpos_small_patch16_224", dict(img_size=32, patch_size=8, rel_pos_dim=16, **SMALL), 32),
+    "relpos_rpn_postnorm": ("vit_relpos_small_patch16_rpn_224", dict(img_size=32, patch_size=8, rel_pos_dim=16, **SMALL), 32),
+    "relpos_bias_clsgap": ("vit_relpos_base_patch16_clsgap_224", dict(img_size=32, patch_size=8, rel_pos_type="bias",
+                                                                     **SMALL), 32),
 }
 MODELS.update(EVA)
+
+
+def test_all_pretrained_relpos_names_are_accepted():
+    """The 9 vit_relpos/vit_srelpos names with weights: RelPosMlp per block or shared, post-norm (rpn), class
+    token with token or average pool; a per-block bias MLP's MACs only where attention is kept."""
+    names = sorted({n.split(".")[0] for n in timm.list_models("vit_*relpos*", pretrained=True)})
+    assert len(names) == 9
+    for name in names:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+        spec = arch_spec(add_masks(model))
+        assert spec.family == "relpos" and (spec.attn_extra_macs > 0) != (spec.fixed_extra_macs > 0)
+        assert not spec.head_only and spec.exact
+        plan = SlimPlan.full(spec)
+        plan.attn[0] = False
+        assert count_cost(spec).macs - count_cost(spec, plan).macs > spec.attn_extra_macs
 
 
 def whole_heads(plan: SlimPlan) -> SlimPlan:
@@ -257,7 +283,7 @@ def test_eva_invariants(key, fused):
     m = make(key, fused)
     x = image(key)
     spec = arch_spec(m)
-    assert spec.family in ("eva", "beit") and spec.head_only == (getattr(m, "rope", None) is not None or spec.qk_norm_params > 0)
+    assert spec.family in ("eva", "beit", "relpos") and spec.head_only == (getattr(m, "rope", None) is not None or spec.qk_norm_params > 0)
     with torch.no_grad():
         dense = m(x)
         masked = add_masks(copy.deepcopy(m))
@@ -285,7 +311,8 @@ def test_eva_invariants(key, fused):
         check_cost(slim, x)
 
 
-@pytest.mark.parametrize("key", ["eva02_glu_rope", "eva_norope", "beit_relpos"])
+@pytest.mark.parametrize("key", ["eva02_glu_rope", "eva_norope", "beit_relpos", "relpos_mlp_cls", "srelpos_shared",
+                                 "relpos_rpn_postnorm"])
 def test_eva_masked_forward_uses_the_scores(key):
     """The masked model with random attention/MLP scores (tokens all kept) equals the binary-mask
     reference of the full plan with those scores folded in: the scores really act on q/k/v and fc2."""

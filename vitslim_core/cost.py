@@ -9,6 +9,8 @@ what ``torch.utils.flop_counter.FlopCounterMode`` counts (divided by 2) with fus
   (a gated MLP, GluMlp/SwiGLU, has a gate and a value row per unit: fc1 costs N*C*2h)
 * attention-pool head (``global_pool='map'``, kept dense): ``pool_token_macs`` per token reaching it
   (prefix + the last layer's kept patches) plus ``pool_fixed_macs``
+* relative position MLP (timm RelPosMlp, vit_relpos): its MLP over all relative coordinates, once per
+  block with attention left (``attn_extra_macs``) or once per image when shared (``fixed_extra_macs``)
 * classifier: C * classes (times 2 for distilled DeiT's two heads).
 
 A branch with no units left costs nothing; the slim model keeps only its output bias.
@@ -69,7 +71,7 @@ def layer_macs(spec: ArchSpec, attn_dims, mlp_units, tokens):
     A = np.asarray(attn_dims, dtype=np.int64)
     h = np.asarray(mlp_units, dtype=np.int64)
     N = np.asarray(tokens, dtype=np.int64)
-    return N * (4 * C * A + (2 + spec.mlp_glu) * C * h) + 2 * N * N * A
+    return N * (4 * C * A + (2 + spec.mlp_glu) * C * h) + 2 * N * N * A + (A > 0) * spec.attn_extra_macs
 
 
 def pool_macs(spec: ArchSpec, last_tokens):
@@ -95,7 +97,7 @@ def layer_params(spec: ArchSpec, attn_dims, mlp_units):
 def fixed_macs(spec: ArchSpec) -> int:
     """MACs outside the blocks that do not depend on a plan: patch embedding, pool head's fixed part, classifier."""
     ph, pw = spec.patch_size
-    return (spec.num_patches * spec.embed_dim * spec.in_chans * ph * pw + spec.pool_fixed_macs
+    return (spec.num_patches * spec.embed_dim * spec.in_chans * ph * pw + spec.pool_fixed_macs + spec.fixed_extra_macs
             + spec.embed_dim * spec.num_classes * spec.num_out_heads)
 
 

@@ -13,7 +13,12 @@ slimmed here (``EvaSlimBlock``/``EvaSlimAttention``): rope (whole heads, rope ro
 gathered), q/k norms (whole heads), BEiT's relative position bias (rows/cols of kept tokens and kept heads
 gathered), q/v biases, gamma layer scale, sub-LNs (sliced: not exact, see README).
 
-Everything else (relative-position ViTs, SAM, NaFlex, grouped-query attention...) is refused by
+timm ``VisionTransformerRelPos`` (``vit_relpos_*``, ``vit_srelpos_*``): ``RelPosAttention`` is masked and
+slimmed by the same code; its ``rel_pos`` (RelPosMlp or RelPosBias, per block or shared) is kept whole and
+its bias rows/cols of kept tokens and kept heads are gathered; post-norm ``ResPostRelPosBlock`` puts its
+norms where a layer scale would be (``RelPosSlimBlock``). A RelPosMlp's MACs are counted (cost.py). Exact.
+
+Everything else (SAM, NaFlex, grouped-query attention...) is refused by
 ``spec.check_supported`` with the part it cannot handle.
 """
 from __future__ import annotations
@@ -26,7 +31,6 @@ import torch.nn as nn
 
 # timm ViT classes outside VisionTransformer and the part of each that has no masks/slimming yet
 UNSUPPORTED_CLASSES = {
-    "VisionTransformerRelPos": "relative position bias/MLP attention (RelPosAttention)",
     "VisionTransformerSAM": "SAM windowed attention with decomposed relative positions and a conv neck",
     "NaFlexVit": "NaFlex variable-resolution patch embedding and masked attention",
 }
@@ -217,17 +221,24 @@ def is_beit(model: nn.Module) -> bool:
     return type(model).__name__ == "Beit" and type(model).__module__ == "timm.models.beit"
 
 
+def is_relpos(model: nn.Module) -> bool:
+    return (type(model).__name__ == "VisionTransformerRelPos"
+            and type(model).__module__ == "timm.models.vision_transformer_relpos")
+
+
 def family_of(model: nn.Module) -> str:
-    """"eva" or "beit" for the timm classes whose blocks families.py slims, "" otherwise."""
-    return "eva" if is_eva(model) else ("beit" if is_beit(model) else "")
+    """"eva", "beit" or "relpos" for the timm classes whose blocks families.py slims, "" otherwise."""
+    return "eva" if is_eva(model) else ("beit" if is_beit(model) else ("relpos" if is_relpos(model) else ""))
 
 
 def is_eva_attention(attn: nn.Module) -> bool:
-    """EvaAttention, AttentionRope or BEiT's Attention (masked and slimmed here)."""
+    """EvaAttention, AttentionRope, BEiT's Attention or RelPosAttention (masked and slimmed here)."""
     from timm.layers.attention import AttentionRope
     from timm.models.beit import Attention as BeitAttention
     from timm.models.eva import EvaAttention
-    return attn.__dict__.get("_vitslim_orig_class", type(attn)) in (EvaAttention, AttentionRope, BeitAttention)
+    from timm.models.vision_transformer_relpos import RelPosAttention
+    return attn.__dict__.get("_vitslim_orig_class", type(attn)) in (EvaAttention, AttentionRope, BeitAttention,
+                                                                    RelPosAttention)
 
 
 def head_dim(attn: nn.Module) -> int:
@@ -237,7 +248,11 @@ def head_dim(attn: nn.Module) -> int:
 
 
 def rel_bias(attn: nn.Module, shared: torch.Tensor | None = None) -> torch.Tensor | None:
-    """BEiT's relative position bias of one block (its own table plus the shared one), (1|, H, N, N)."""
+    """BEiT's relative position bias of one block (its own table plus the shared one), (1|, H, N, N);
+    for RelPosAttention its ``rel_pos`` module's bias (RelPosBias table or RelPosMlp), else the shared one."""
+    rel_pos = getattr(attn, "rel_pos", None)
+    if rel_pos is not None:
+        return rel_pos.get_bias()
     table = getattr(attn, "relative_position_bias_table", None)
     bias = attn._get_rel_pos_bias() if table is not None else None
     if shared is not None:
@@ -305,6 +320,59 @@ def eva_problem(model: nn.Module) -> str | None:
     return None
 
 
+def rel_pos_problem(rel_pos: nn.Module | None) -> str | None:
+    from timm.layers import RelPosBias, RelPosMlp
+    if rel_pos is None or type(rel_pos) in (RelPosBias, RelPosMlp):
+        return None
+    return f"relative position module {type(rel_pos).__name__} is not supported"
+
+
+def rel_pos_macs(rel_pos: nn.Module | None) -> int:
+    """MACs of one ``get_bias()`` of a RelPosMlp (its MLP over all relative log-coordinates); 0 otherwise."""
+    from timm.layers import RelPosMlp
+    if type(rel_pos) is not RelPosMlp:
+        return 0
+    n = int(np.prod(rel_pos.rel_coords_log.shape[:-1]))
+    return n * sum(l.in_features * l.out_features for l in rel_pos.mlp.modules() if isinstance(l, nn.Linear))
+
+
+def is_post_norm(blk: nn.Module) -> bool:
+    from timm.models.vision_transformer_relpos import ResPostRelPosBlock
+    return type(blk) is ResPostRelPosBlock
+
+
+def relpos_problem(model: nn.Module) -> str | None:
+    """Why this timm VisionTransformerRelPos cannot be masked and slimmed (None: fine)."""
+    from timm.layers import Mlp
+    from timm.models.vision_transformer_relpos import RelPosBlock, ResPostRelPosBlock
+    if not isinstance(getattr(model.patch_embed, "proj", None), nn.Conv2d):
+        return f"patch embedding {type(model.patch_embed).__name__} without a Conv2d projection"
+    if getattr(model.patch_embed, "dynamic_img_size", False):
+        return "dynamic_img_size=True is not supported: token masks need a fixed patch grid"
+    problem = rel_pos_problem(model.shared_rel_pos)
+    if problem:
+        return problem
+    for i, blk in enumerate(model.blocks):
+        if type(blk) not in (RelPosBlock, ResPostRelPosBlock):
+            return f"block {i} is {type(blk).__name__}"
+        a = blk.attn
+        if not is_eva_attention(a):
+            return f"block {i} attention is {type(a).__name__}"
+        problem = rel_pos_problem(a.rel_pos)
+        if problem:
+            return f"block {i} {problem}"
+        if type(blk.mlp) is not Mlp:
+            return f"block {i} MLP is {type(blk.mlp).__name__}"
+        problem = mlp_problem(blk.mlp)
+        if problem:
+            return f"block {i} MLP {type(blk.mlp).__name__} {problem}"
+        if not _plain_linear(a.proj) or not _plain_linear(a.qkv):
+            return f"block {i} attention projections are not plain nn.Linear layers"
+        if is_post_norm(blk) and (a.proj.bias is None or blk.mlp.fc2.bias is None):
+            return f"block {i} is post-norm with a bias-free output projection (not supported)"
+    return None
+
+
 def _qkv_linears(attn: nn.Module) -> list[nn.Linear]:
     return [attn.qkv] if attn.qkv is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
 
@@ -335,8 +403,18 @@ def eva_spec_fields(model: nn.Module) -> dict:
     qn, kn = getattr(a, "q_norm", nn.Identity()), getattr(a, "k_norm", nn.Identity())
     _, parts = qkv_parts(a)
     table = getattr(a, "relative_position_bias_table", None)
+    extra = 0 if table is None else table.numel()
+    if is_relpos(model):
+        rp = a.rel_pos
+        extra = 0 if rp is None else sum(p.numel() for p in rp.parameters())
+        ls = getattr(blk0, "ls1", nn.Identity())
+        return {"family": "relpos", "qkv_bias": parts[0] is not None, "attn_extra_params": extra,
+                "attn_extra_macs": rel_pos_macs(rp), "fixed_extra_macs": rel_pos_macs(model.shared_rel_pos),
+                "ls_params": 0 if isinstance(ls, nn.Identity) else ls.gamma.numel(),
+                "qk_norm_params": sum(p.numel() for p in (*qn.parameters(), *kn.parameters())),
+                "head_only": not isinstance(qn, nn.Identity) or not isinstance(kn, nn.Identity)}
     return {"family": family_of(model), "qkv_bias": any(p is not None for p in parts),
-            "attn_extra_params": 0 if table is None else table.numel(),
+            "attn_extra_params": extra,
             "qkv_bias_parts": max(1, sum(p is not None for p in parts)),
             "ls_params": 0 if blk0.gamma_1 is None else blk0.gamma_1.numel(),
             "mlp_norm_params": norm_unit_params(getattr(blk0.mlp, "norm", nn.Identity())),
@@ -404,10 +482,15 @@ def _masked_eva_forward(self, x, rope=None, attn_mask=None, is_causal=False, sha
     return eva_attention(self, x, self._vitslim_score.per_dim(), rope, bias=rel_bias(self, shared_rel_pos_bias))
 
 
+def _masked_relpos_forward(self, x, shared_rel_pos=None):
+    return eva_attention(self, x, self._vitslim_score.per_dim(), bias=rel_bias(self, shared_rel_pos))
+
+
 @functools.lru_cache(maxsize=None)
 def masked_attention_class(base: type) -> type:
     """A subclass of an Eva attention class whose q/k/v are multiplied by the attention scores."""
-    return type(f"Masked{base.__name__}", (base,), {"forward": _masked_eva_forward})
+    fwd = _masked_relpos_forward if base.__name__ == "RelPosAttention" else _masked_eva_forward
+    return type(f"Masked{base.__name__}", (base,), {"forward": fwd})
 
 
 class EvaHardMasked(nn.Module):
@@ -425,6 +508,8 @@ class EvaHardMasked(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
         shared = None
+        if is_relpos(m):
+            return self._relpos_features(x)
         if is_beit(m):
             x = m.patch_embed(x)
             x = torch.cat((m.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
@@ -440,6 +525,21 @@ class EvaHardMasked(nn.Module):
             x = x + blk.drop_path1(a if blk.gamma_1 is None else blk.gamma_1 * a)
             h = blk.mlp.fc2(mlp_hidden(blk.mlp, blk.norm2(x)) * self.mlp_mult[l])
             x = x + blk.drop_path2(h if blk.gamma_2 is None else blk.gamma_2 * h)
+        return m.norm(x.index_select(1, self.final_keep))
+
+    def _relpos_features(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.patch_embed(x)
+        if m.cls_token is not None:
+            x = torch.cat((m.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        shared = m.shared_rel_pos.get_bias() if m.shared_rel_pos is not None else None
+        for l, blk in enumerate(m.blocks):
+            post = is_post_norm(blk)
+            inp = x if post else blk.norm1(x)
+            a = eva_attention(blk.attn, inp, self.attn_mult[l], None, self.key_bias[l], rel_bias(blk.attn, shared))
+            x = x + blk.drop_path1(blk.norm1(a) if post else blk.ls1(a))
+            h = blk.mlp.fc2(mlp_hidden(blk.mlp, x if post else blk.norm2(x)) * self.mlp_mult[l])
+            x = x + blk.drop_path2(blk.norm2(h) if post else blk.ls2(h))
         return m.norm(x.index_select(1, self.final_keep))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -472,6 +572,7 @@ class EvaSlimAttention(nn.Module):
         self.q_norm = getattr(src, "q_norm", nn.Identity())  # over the d dims of one (whole) head
         self.k_norm = getattr(src, "k_norm", nn.Identity())
         self.norm = nn.Identity()  # scale_attn_inner: a sub-LN over the kept dims (set by slim_eva_attention)
+        self.rel_pos = getattr(src, "rel_pos", None)  # RelPosAttention: RelPosBias / RelPosMlp, kept whole
         table = getattr(src, "relative_position_bias_table", None)  # BEiT: kept whole, gathered per forward
         self.relative_position_bias_table = table
         self.register_buffer("relative_position_index", None if table is None else src.relative_position_index,
@@ -481,7 +582,9 @@ class EvaSlimAttention(nn.Module):
     def _rel_bias(self, shared: torch.Tensor | None) -> torch.Tensor | None:
         """The relative position bias of the kept heads and tokens, (H', N', N')."""
         bias = None
-        if self.relative_position_bias_table is not None:
+        if self.rel_pos is not None:
+            bias = self.rel_pos.get_bias()[0]  # (H, N0, N0)
+        elif self.relative_position_bias_table is not None:
             n0 = self.relative_position_index.shape[0]
             bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n0, n0, -1)
             bias = bias.permute(2, 0, 1)  # (H, N0, N0)
@@ -568,6 +671,17 @@ class EvaSlimBlock(nn.Module):
         return x
 
 
+class RelPosSlimBlock(EvaSlimBlock):
+    """An EvaSlimBlock called as timm's VisionTransformerRelPos calls its blocks: ``blk(x, shared_rel_pos=...)``.
+
+    A post-norm block (ResPostRelPosBlock) is built with norm1/norm2 in the layer-scale places and
+    identity pre-norms: ``x + drop_path(norm(branch(x)))``.
+    """
+
+    def forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x, shared_rel_pos_bias=shared_rel_pos)
+
+
 def _gamma(blk: nn.Module, name: str) -> nn.Module:
     from timm.layers import LayerScale
     g = getattr(blk, name)
@@ -590,24 +704,31 @@ def slim_eva_block(model: nn.Module, blk: nn.Module, plan, layer: int, attn_fold
     dev = blk.norm1.weight.device if getattr(blk.norm1, "weight", None) is not None else next(blk.parameters()).device
     keep = torch.as_tensor(gather, device=dev) if gather is not None else None
     n_in = P + int(prev.sum())
-    ls1, ls2 = _gamma(blk, "gamma_1"), _gamma(blk, "gamma_2")
     ident = nn.Identity
+    relpos = spec.family == "relpos"
+    post = relpos and is_post_norm(blk)
+    if post:  # x + norm(branch(x)): the norm sits where a layer scale would
+        ls1, ls2, pre1, pre2 = blk.norm1, blk.norm2, ident(), ident()
+    elif relpos:
+        ls1, ls2, pre1, pre2 = blk.ls1, blk.ls2, blk.norm1, blk.norm2
+    else:
+        ls1, ls2, pre1, pre2 = _gamma(blk, "gamma_1"), _gamma(blk, "gamma_2"), blk.norm1, blk.norm2
     a_keep = plan.attn[layer]
     if a_keep.any():
         attn = slim_eva_attention(blk.attn, a_keep, attn_fold, np.flatnonzero(plan.token[layer]), spec.head_only)
         attn.tokens = torch.as_tensor(np.concatenate([np.arange(P), P + np.flatnonzero(plan.token[layer])]),
                                       device=dev)
-        norm1, dp1 = blk.norm1, blk.drop_path1
+        norm1, dp1 = pre1, blk.drop_path1
     else:
         attn = _branch_bias(blk.attn.proj, ls1)
         norm1, ls1, dp1 = ident(), ident(), ident()
     if plan.mlp[layer].any():
         mlp = slim_mlp(blk.mlp, plan.mlp[layer], mlp_fold)
-        norm2, dp2 = blk.norm2, blk.drop_path2
+        norm2, dp2 = pre2, blk.drop_path2
     else:
         mlp = _branch_bias(blk.mlp.fc2, ls2)
         norm2, ls2, dp2 = ident(), ident(), ident()
-    return EvaSlimBlock(keep, n_in, norm1, attn, ls1, dp1, norm2, mlp, ls2, dp2)
+    return (RelPosSlimBlock if relpos else EvaSlimBlock)(keep, n_in, norm1, attn, ls1, dp1, norm2, mlp, ls2, dp2)
 
 
 def slim_eva_attention(attn: nn.Module, keep: np.ndarray, fold: torch.Tensor | None, patches: np.ndarray,

@@ -364,7 +364,7 @@ def slim_model(model: nn.Module, plan: SlimPlan, fold_scores: bool = True) -> nn
     attn_fold, mlp_fold = _fold_scores(model, fold_scores)
     slim = copy.deepcopy(model)
     remove_masks(slim)
-    if plan.spec.family in ("eva", "beit"):  # timm Eva / Beit call each block with rope / rel-pos bias
+    if plan.spec.family in ("eva", "beit", "relpos"):  # timm Eva / Beit call each block with rope / rel-pos bias
         slim.blocks = nn.ModuleList(families.slim_eva_block(slim, blk, plan, l, attn_fold[l], mlp_fold[l])
                                     for l, blk in enumerate(slim.blocks))
     else:
@@ -447,7 +447,7 @@ def apply_hard_masks(model: nn.Module, plan: SlimPlan, fold_scores: bool = True)
     key_bias = torch.zeros(kept.shape, dtype=ref.dtype, device=ref.device)
     key_bias[torch.as_tensor(~kept, device=ref.device)] = float("-inf")
     final_keep = torch.as_tensor(np.flatnonzero(kept[-1]), device=ref.device)
-    if s.family in ("eva", "beit"):
+    if s.family in ("eva", "beit", "relpos"):
         return families.EvaHardMasked(dense, plan, attn_mult, mlp_mult, key_bias, final_keep)
     attn_mult = attn_mult.reshape(s.depth, 1, -1).repeat(1, 3, 1).reshape(s.depth, -1)  # same for q, k, v
     return HardMaskedViT(dense, plan, attn_mult, mlp_mult, key_bias, final_keep)

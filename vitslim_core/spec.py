@@ -37,8 +37,11 @@ class ArchSpec:
         pool_token_macs, pool_fixed_macs: MACs of an attention-pool head (``global_pool='map'``) per token
             that reaches it and in total otherwise (0 without one).
         pool_prefix: the attention-pool head reads the prefix tokens too (timm's ``pool_include_prefix``).
-        family: "" for timm VisionTransformer, "eva" / "beit" for timm Eva / Beit (blocks slimmed by families.py).
-        attn_extra_params: parameters of one block's relative position bias table (BEiT; 0 when absent).
+        family: "" for timm VisionTransformer, "eva" / "beit" / "relpos" for timm Eva / Beit /
+            VisionTransformerRelPos (blocks slimmed by families.py).
+        attn_extra_params: parameters of one block's relative position bias table or RelPosMlp (0 when absent).
+        attn_extra_macs: MACs of one block's relative position MLP (RelPosMlp; counted where attention is kept).
+        fixed_extra_macs: MACs of a relative position MLP shared by all blocks (vit_srelpos).
         qkv_bias_parts: how many of q, k, v carry a bias when ``qkv_bias`` (EVA: q and v, so 2).
         head_only: attention units must be whole heads (rotary embeddings rotate pairs of head dims, a q/k
             norm normalises each head).
@@ -81,6 +84,8 @@ class ArchSpec:
     mlp_norm_params: int = 0
     attn_norm_params: int = 0
     attn_extra_params: int = 0
+    attn_extra_macs: int = 0
+    fixed_extra_macs: int = 0
     model_name: str = ""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -134,7 +139,7 @@ class ArchSpec:
                     if not isinstance(v, bool):
                         raise ValueError(f"{f.name} must be true or false")
                 elif f.name == "family":
-                    if v not in ("", "eva", "beit"):
+                    if v not in ("", "eva", "beit", "relpos"):
                         raise ValueError(f"unknown model family {str(v)[:20]!r}")
                 elif f.name == "global_pool" or f.name == "model_name":
                     v = str(v)
@@ -175,7 +180,7 @@ class ArchSpec:
 # Fields added after format version 1 was fixed: files without them describe plain models (defaults).
 _OPTIONAL = ("model_name", "model_kwargs", "mlp_glu", "pool_token_macs", "pool_fixed_macs", "pool_prefix",
              "family", "qkv_bias_parts", "head_only", "qk_norm_params", "mlp_ls", "mlp_norm_params",
-             "attn_norm_params", "attn_extra_params")
+             "attn_norm_params", "attn_extra_params", "attn_extra_macs", "fixed_extra_macs")
 
 # Upper bounds of a description read from a file (ViT-g/14 at 518 px is far inside them): a damaged or
 # hostile header must not make plans allocate or compute for absurd sizes.
@@ -183,7 +188,7 @@ _LIMITS = {"depth": 1024, "embed_dim": 1 << 16, "num_heads": 1024, "head_dim": 4
            "num_prefix_tokens": 1024, "grid": 1024, "patch_size": 1024, "in_chans": 64, "num_classes": 1 << 20,
            "num_out_heads": 2, "norm1_params": 1 << 40, "norm2_params": 1 << 40, "ls_params": 1 << 40,
            "dense_params": 1 << 40, "pool_token_macs": 1 << 40, "pool_fixed_macs": 1 << 50, "qkv_bias_parts": 3, "qk_norm_params": 1 << 30, "mlp_norm_params": 2,
-           "attn_norm_params": 2, "attn_extra_params": 1 << 30}
+           "attn_norm_params": 2, "attn_extra_params": 1 << 30, "attn_extra_macs": 1 << 40, "fixed_extra_macs": 1 << 40}
 MAX_UNITS = 1 << 24  # per dimension, over all layers
 
 
@@ -200,6 +205,7 @@ RECIPE_KWARGS: dict[str, str] = {
     "dynamic_img_pad": "flag", "pos_embed": "name", "drop_rate": "number", "pos_drop_rate": "number",
     "patch_drop_rate": "number", "proj_drop_rate": "number", "attn_drop_rate": "number",
     "drop_path_rate": "number",
+    "rel_pos_type": "name", "rel_pos_dim": "count", "shared_rel_pos": "flag",  # VisionTransformerRelPos
 }
 _MAX_RECIPE_INT = 1 << 20
 _MAX_RECIPE_SIZE = 16384
@@ -330,6 +336,11 @@ def check_supported(model: nn.Module) -> None:
 
     if families.is_eva(model) or families.is_beit(model):  # timm Eva (EVA02, rope ViTs, DINOv3, PE), Beit
         problem = families.eva_problem(model) if families.is_eva(model) else families.beit_problem(model)
+        if problem:
+            raise UnsupportedModelError(f"{type(model).__name__} {problem}")
+        return
+    if families.is_relpos(model):  # timm VisionTransformerRelPos (vit_relpos_*, vit_srelpos_*)
+        problem = families.relpos_problem(model)
         if problem:
             raise UnsupportedModelError(f"{type(model).__name__} {problem}")
         return
