@@ -32,6 +32,7 @@ MODELS = {
     "siglip_map": ("vit_base_patch16_siglip_224", dict(img_size=32, patch_size=8, **SMALL), 32),
     "map_cls": (None, dict(img_size=32, patch_size=8, global_pool="map", class_token=True, **SMALL), 32),
     "swiglu": (None, dict(img_size=32, patch_size=8, mlp_layer="SwiGLU", **SMALL), 32),
+    "intern_dynamic": ("vit_intern300m_patch14_448", dict(img_size=28, patch_size=7, **SMALL), 28),
 }
 
 
@@ -252,6 +253,29 @@ EVA = {
                                                                      **SMALL), 32),
 }
 MODELS.update(EVA)
+
+
+def test_dynamic_img_size_model_is_slimmed_for_its_default_grid(one_line, tmp_path):
+    """vit_intern300m (dynamic_img_size=True): exact at the plan's grid; another image size is refused by the
+    masked and by the slim model with one line, and the slim folder reloads."""
+    from vitslim_core import VitSlimError
+    name, kw, _ = MODELS["intern_dynamic"]
+    m = make("intern_dynamic")
+    spec = arch_spec(m, model_name=name, model_kwargs=kw)
+    plan = random_plan(spec, np.random.default_rng(3), drop_branches=False)
+    slim = slim_model(m, plan)
+    x = image("intern_dynamic")
+    with torch.no_grad():
+        assert max_diff(slim(x), apply_hard_masks(m, plan)(x)) < TOL
+    check_cost(slim, x)
+    other = torch.randn(1, 3, 42, 42)
+    for model in (slim, add_masks(copy.deepcopy(m))):
+        with pytest.raises(VitSlimError) as e, torch.no_grad():
+            model(other)
+        one_line(e.value)
+    loaded = load_slim(save_slim(slim, tmp_path / "slim"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), slim.eval()(x))
 
 
 def test_all_pretrained_relpos_names_are_accepted():

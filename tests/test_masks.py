@@ -387,12 +387,11 @@ def _meta(name, **kw):
 
 
 def _unsupported_cases():
-    # attention-pool heads and GluMlp/SwiGLU MLPs are supported now (tests/test_families.py)
+    # attention-pool heads, GluMlp/SwiGLU MLPs and dynamic_img_size are supported now (tests/test_families.py)
     from timm.layers import SwiGLU
     cases = [
         ("qk_norm", lambda: _small_vt(qk_norm=True), "q_norm"),
         ("swiglu_sub_ln", lambda: _small_vt(mlp_layer=SwiGLU, scale_mlp_norm=True), "hidden norm"),
-        ("dynamic_img_size", lambda: _small_vt(dynamic_img_size=True), "dynamic_img_size"),
         ("patch_drop", lambda: _small_vt(patch_drop_rate=0.25), "patch drop"),
         ("swin", lambda: _meta("swin_tiny_patch4_window7_224"), "SwinTransformer"),
         ("resnet", lambda: _meta("resnet18"), "ResNet"),

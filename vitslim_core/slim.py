@@ -194,7 +194,13 @@ class SlimBlock(nn.Module):
         self.norm1, self.attn, self.ls1, self.drop_path1 = norm1, attn, ls1, drop_path1
         self.norm2, self.mlp, self.ls2, self.drop_path2 = norm2, mlp, ls2, drop_path2
 
+    n_in: int | None = None  # set on the first block of a dynamic_img_size model: the plan's token count
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.n_in is not None and x.shape[1] != self.n_in:
+            from .errors import VitSlimError
+            raise VitSlimError(f"the slim model was made for {self.n_in} tokens, the input has {x.shape[1]} "
+                               "(is the image size different from the plan's?)")
         if self.keep is not None:
             x = x.index_select(1, self.keep)  # (B, P + kept patches, C)
         if self.attn is not None:
@@ -370,6 +376,8 @@ def slim_model(model: nn.Module, plan: SlimPlan, fold_scores: bool = True) -> nn
     else:
         slim.blocks = nn.Sequential(*[slim_block(blk, plan, l, attn_fold[l], mlp_fold[l])
                                       for l, blk in enumerate(slim.blocks)])
+        if getattr(slim, "dynamic_img_size", False):  # any grid reaches the blocks: refuse all but the plan's
+            slim.blocks[0].n_in = plan.spec.num_tokens
     slim.slim_plan = plan
     return slim
 

@@ -356,8 +356,8 @@ def check_supported(model: nn.Module) -> None:
         problem = families.attn_pool_problem(pool)
         if problem:
             raise UnsupportedModelError(problem)
-    if getattr(model, "dynamic_img_size", False):
-        raise UnsupportedModelError("dynamic_img_size=True is not supported: token masks need a fixed patch grid")
+    # dynamic_img_size=True: masked and slimmed for the default grid (token masks and the slim model refuse
+    # another number of tokens with a one-line error)
     if not isinstance(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
         raise UnsupportedModelError("patch dropout is not supported (set patch_drop_rate=0)")
     pe = model.patch_embed
