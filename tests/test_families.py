@@ -163,7 +163,7 @@ def test_pool_head_reads_kept_tokens_and_its_cost_scales_with_them():
     check_cost(slim, x)
 
 
-@pytest.mark.parametrize("key", ["dinov2_glu", "siglip_map", "relpos_mlp_cls", "relpos_rpn_postnorm"])
+@pytest.mark.parametrize("key", ["dinov2_glu", "siglip_map", "relpos_mlp_cls", "relpos_rpn_postnorm", "eva_postnorm"])
 def test_flops_budget_plans_are_exact(key):
     m = make(key, fused=False)
     spec = arch_spec(m)
@@ -185,7 +185,7 @@ def test_flops_budget_plans_are_exact(key):
         assert abs(plan.flops_ratio - ratio) < 0.05
 
 
-@pytest.mark.parametrize("key", ["dinov2_reg_glu", "siglip_map", "srelpos_shared", "relpos_rpn_postnorm"])
+@pytest.mark.parametrize("key", ["dinov2_reg_glu", "siglip_map", "srelpos_shared", "relpos_rpn_postnorm", "eva_postnorm"])
 def test_save_load_roundtrip(key, tmp_path):
     """Invariant 6 through the ordinary files (the recipe rebuilds the timm name with small kwargs)."""
     name, kw, _ = MODELS[key]
@@ -217,7 +217,7 @@ def test_old_plan_files_without_the_new_fields_still_load():
 
 
 @pytest.mark.parametrize("name,part", [
-    ("eva02_enormous_patch14_clip_224", "post-norm"), ("beit3_base_patch16_224", "norm"),
+    ("beit3_base_patch16_224", "norm"),
     ("samvit_base_patch16", "windowed attention"),
     ("vit_base_patch16_rpn_224", "ResPostBlock"), ("vit_base_mci_224", "HybridEmbed"),
 ])
@@ -245,6 +245,7 @@ EVA = {
     "beit_shared_relpos": ("beitv2_base_patch16_224", dict(img_size=32, patch_size=8, use_shared_rel_pos_bias=True,
                                                           use_rel_pos_bias=False, **SMALL), 32),
     # VisionTransformerRelPos: RelPosMlp bias per block (costs MACs) or shared, post-norm blocks, RelPosBias
+    "eva_postnorm": ("eva02_enormous_patch14_clip_224", dict(img_size=28, patch_size=7, **SMALL), 28),
     "relpos_mlp_gap": ("vit_relpos_small_patch16_224", dict(img_size=32, patch_size=8, rel_pos_dim=16, **SMALL), 32),
     "relpos_mlp_cls": ("vit_relpos_medium_patch16_cls_224", dict(img_size=32, patch_size=8, rel_pos_dim=16, **SMALL), 32),
     "srelpos_shared": ("vit_srelpos_small_patch16_224", dict(img_size=32, patch_size=8, rel_pos_dim=16, **SMALL), 32),
@@ -336,7 +337,7 @@ def test_eva_invariants(key, fused):
 
 
 @pytest.mark.parametrize("key", ["eva02_glu_rope", "eva_norope", "beit_relpos", "relpos_mlp_cls", "srelpos_shared",
-                                 "relpos_rpn_postnorm"])
+                                 "relpos_rpn_postnorm", "eva_postnorm"])
 def test_eva_masked_forward_uses_the_scores(key):
     """The masked model with random attention/MLP scores (tokens all kept) equals the binary-mask
     reference of the full plan with those scores folded in: the scores really act on q/k/v and fc2."""

@@ -396,8 +396,7 @@ def _unsupported_cases():
         ("swin", lambda: _meta("swin_tiny_patch4_window7_224"), "SwinTransformer"),
         ("resnet", lambda: _meta("resnet18"), "ResNet"),
     ]
-    # rope ViTs (timm Eva) are supported now (tests/test_families.py); post-norm EVA blocks are not
-    cases.append(("eva_post_norm", lambda: _meta("eva02_enormous_patch14_clip_224"), "post-norm"))
+    # rope ViTs and post-norm EVA blocks (timm Eva) are supported now (tests/test_families.py)
     return cases
 
 

@@ -283,7 +283,7 @@ def beit_problem(model: nn.Module) -> str | None:
 def eva_problem(model: nn.Module) -> str | None:
     """Why this timm Eva cannot be masked and slimmed (None: fine)."""
     from timm.layers.attention import AttentionRope
-    from timm.models.eva import EvaAttention, EvaBlock
+    from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
     if getattr(model, "patch_drop", None) is not None:
         return "patch dropout is not supported (set patch_drop_rate=0)"
     if not isinstance(getattr(model.patch_embed, "proj", None), nn.Conv2d):
@@ -292,8 +292,8 @@ def eva_problem(model: nn.Module) -> str | None:
     if rope is not None and not hasattr(rope, "feat_shape"):
         return f"rotary embedding {type(rope).__name__} without a fixed grid is not supported"
     for i, blk in enumerate(model.blocks):
-        if type(blk) is not EvaBlock:
-            return f"block {i} is {type(blk).__name__} (post-norm EVA blocks are not supported)"
+        if type(blk) not in (EvaBlock, EvaBlockPostNorm):
+            return f"block {i} is {type(blk).__name__}"
         a = blk.attn
         if not is_eva_attention(a):
             return f"block {i} attention is {type(a).__name__}"
@@ -305,13 +305,15 @@ def eva_problem(model: nn.Module) -> str | None:
             problem = norm_problem(a.norm, a.num_heads * a.head_dim)
             if problem:
                 return f"block {i} attention inner norm {problem}"
-        if blk.gamma_1 is None and blk.gamma_2 is not None:
+        if getattr(blk, "gamma_1", None) is None and getattr(blk, "gamma_2", None) is not None:
             return f"block {i} has layer scale on the MLP branch only, not supported"
         if type(blk.mlp) not in mlp_classes():
             return f"block {i} MLP is {type(blk.mlp).__name__}"
         problem = mlp_problem(blk.mlp, sub_ln=True)
         if problem:
             return f"block {i} MLP {type(blk.mlp).__name__} {problem}"
+        if is_post_norm(blk) and (a.proj.bias is None or blk.mlp.fc2.bias is None):
+            return f"block {i} is post-norm with a bias-free output projection (not supported)"
         if not _plain_linear(a.proj) or not all(_plain_linear(l) for l in _qkv_linears(a)):
             return f"block {i} attention projections are not plain nn.Linear layers"
     pool = getattr(model, "attn_pool", None)
@@ -337,8 +339,9 @@ def rel_pos_macs(rel_pos: nn.Module | None) -> int:
 
 
 def is_post_norm(blk: nn.Module) -> bool:
+    from timm.models.eva import EvaBlockPostNorm
     from timm.models.vision_transformer_relpos import ResPostRelPosBlock
-    return type(blk) is ResPostRelPosBlock
+    return type(blk) in (ResPostRelPosBlock, EvaBlockPostNorm)
 
 
 def relpos_problem(model: nn.Module) -> str | None:
@@ -416,10 +419,10 @@ def eva_spec_fields(model: nn.Module) -> dict:
     return {"family": family_of(model), "qkv_bias": any(p is not None for p in parts),
             "attn_extra_params": extra,
             "qkv_bias_parts": max(1, sum(p is not None for p in parts)),
-            "ls_params": 0 if blk0.gamma_1 is None else blk0.gamma_1.numel(),
+            "ls_params": 0 if getattr(blk0, "gamma_1", None) is None else blk0.gamma_1.numel(),
             "mlp_norm_params": norm_unit_params(getattr(blk0.mlp, "norm", nn.Identity())),
             "attn_norm_params": norm_unit_params(getattr(a, "norm", nn.Identity())),
-            "mlp_ls": blk0.gamma_2 is not None or blk0.gamma_1 is None,  # attn_only_layer_scale
+            "mlp_ls": getattr(blk0, "gamma_2", None) is not None or getattr(blk0, "gamma_1", None) is None,
             "qk_norm_params": sum(p.numel() for p in (*qn.parameters(), *kn.parameters())),
             # rope rotates pairs of head dims and a q/k norm normalises each head: prune whole heads
             "head_only": getattr(model, "rope", None) is not None or not isinstance(qn, nn.Identity)
@@ -520,6 +523,11 @@ class EvaHardMasked(nn.Module):
             x, rope = m._pos_embed(m.patch_embed(x))
             x = m.norm_pre(x)
         for l, blk in enumerate(m.blocks):
+            if is_post_norm(blk):  # EvaBlockPostNorm: x + norm(branch(x))
+                a = eva_attention(blk.attn, x, self.attn_mult[l], rope_for_block(m, rope, l), self.key_bias[l])
+                x = x + blk.drop_path1(blk.norm1(a))
+                x = x + blk.drop_path2(blk.norm2(blk.mlp.fc2(mlp_hidden(blk.mlp, x) * self.mlp_mult[l])))
+                continue
             a = eva_attention(blk.attn, blk.norm1(x), self.attn_mult[l], rope_for_block(m, rope, l), self.key_bias[l],
                               rel_bias(blk.attn, shared))
             x = x + blk.drop_path1(a if blk.gamma_1 is None else blk.gamma_1 * a)
@@ -706,7 +714,7 @@ def slim_eva_block(model: nn.Module, blk: nn.Module, plan, layer: int, attn_fold
     n_in = P + int(prev.sum())
     ident = nn.Identity
     relpos = spec.family == "relpos"
-    post = relpos and is_post_norm(blk)
+    post = is_post_norm(blk)  # ResPostRelPosBlock, EvaBlockPostNorm
     if post:  # x + norm(branch(x)): the norm sits where a layer scale would
         ls1, ls2, pre1, pre2 = blk.norm1, blk.norm2, ident(), ident()
     elif relpos:
