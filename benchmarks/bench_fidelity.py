@@ -847,7 +847,7 @@ def markdown(results: dict) -> str:
     lines += [f"- {n}" for n in notes(results)] + [""]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join("---" for _ in head) + "|")
-    lines += ["| " + " | ".join(row) + " |" for row in body]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
     lines += ["", "## Targets", ""]
     lines += [f"- **{c['status']}** ({c['kind']}) {c['text']}" for c in checks(results)]
     lines += ["", f"Wall time of the last invocation: {results.get('last_seconds', 0):.0f} s."]
