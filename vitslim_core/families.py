@@ -270,13 +270,21 @@ def beit_problem(model: nn.Module) -> str | None:
             return f"block {i} is {type(blk).__name__}"
         if not is_eva_attention(blk.attn):
             return f"block {i} attention is {type(blk.attn).__name__}"
-        if blk.gamma_1 is None and blk.gamma_2 is not None:
-            return f"block {i} has layer scale on the MLP branch only, not supported"
-        if type(blk.mlp) not in mlp_classes():
-            return f"block {i} MLP is {type(blk.mlp).__name__}"
-        problem = mlp_problem(blk.mlp, sub_ln=True)
+        problem = _scale_and_mlp_problem(i, blk)
         if problem:
-            return f"block {i} MLP {type(blk.mlp).__name__} {problem}"
+            return problem
+    return None
+
+
+def _scale_and_mlp_problem(i: int, blk: nn.Module) -> str | None:
+    """The layer-scale and MLP checks that Eva and BEiT blocks share (None: fine)."""
+    if getattr(blk, "gamma_1", None) is None and getattr(blk, "gamma_2", None) is not None:
+        return f"block {i} has layer scale on the MLP branch only, not supported"
+    if type(blk.mlp) not in mlp_classes():
+        return f"block {i} MLP is {type(blk.mlp).__name__}"
+    problem = mlp_problem(blk.mlp, sub_ln=True)
+    if problem:
+        return f"block {i} MLP {type(blk.mlp).__name__} {problem}"
     return None
 
 
@@ -305,13 +313,9 @@ def eva_problem(model: nn.Module) -> str | None:
             problem = norm_problem(a.norm, a.num_heads * a.head_dim)
             if problem:
                 return f"block {i} attention inner norm {problem}"
-        if getattr(blk, "gamma_1", None) is None and getattr(blk, "gamma_2", None) is not None:
-            return f"block {i} has layer scale on the MLP branch only, not supported"
-        if type(blk.mlp) not in mlp_classes():
-            return f"block {i} MLP is {type(blk.mlp).__name__}"
-        problem = mlp_problem(blk.mlp, sub_ln=True)
+        problem = _scale_and_mlp_problem(i, blk)
         if problem:
-            return f"block {i} MLP {type(blk.mlp).__name__} {problem}"
+            return problem
         if is_post_norm(blk) and (a.proj.bias is None or blk.mlp.fc2.bias is None):
             return f"block {i} is post-norm with a bias-free output projection (not supported)"
         if not _plain_linear(a.proj) or not all(_plain_linear(l) for l in _qkv_linears(a)):
