@@ -143,3 +143,12 @@ def quick_run(tmp_path_factory):
                         lr=1e-3, mask_lr=5e-2, w_attn=1e-2, w_mlp=1e-2, w_token=1e-2, device="cpu", log_every=2,
                         seed=1))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module of tiny models: a second thread only adds synchronisation."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -46,12 +46,7 @@ def check_cost(slim: torch.nn.Module, x: torch.Tensor) -> None:
     _check_cost(frozen, x)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds waiting
 
 
 @functools.lru_cache(maxsize=None)
