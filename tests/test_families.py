@@ -33,6 +33,8 @@ MODELS = {
     "map_cls": (None, dict(img_size=32, patch_size=8, global_pool="map", class_token=True, **SMALL), 32),
     "swiglu": (None, dict(img_size=32, patch_size=8, mlp_layer="SwiGLU", **SMALL), 32),
     "intern_dynamic": ("vit_intern300m_patch14_448", dict(img_size=28, patch_size=7, **SMALL), 28),
+    # residual post-norm ResPostBlock, x + norm(branch(x)), no class token, avg pool
+    "vit_rpn_postnorm": ("vit_base_patch16_rpn_224", dict(img_size=32, patch_size=8, **SMALL), 32),
 }
 
 
@@ -158,7 +160,8 @@ def test_pool_head_reads_kept_tokens_and_its_cost_scales_with_them():
     check_cost(slim, x)
 
 
-@pytest.mark.parametrize("key", ["dinov2_glu", "siglip_map", "relpos_mlp_cls", "relpos_rpn_postnorm", "eva_postnorm"])
+@pytest.mark.parametrize("key", ["dinov2_glu", "siglip_map", "relpos_mlp_cls", "relpos_rpn_postnorm", "eva_postnorm",
+                                 "vit_rpn_postnorm"])
 def test_flops_budget_plans_are_exact(key):
     m = make(key, fused=False)
     spec = arch_spec(m)
@@ -180,7 +183,8 @@ def test_flops_budget_plans_are_exact(key):
         assert abs(plan.flops_ratio - ratio) < 0.05
 
 
-@pytest.mark.parametrize("key", ["dinov2_reg_glu", "siglip_map", "srelpos_shared", "relpos_rpn_postnorm", "eva_postnorm"])
+@pytest.mark.parametrize("key", ["dinov2_reg_glu", "siglip_map", "srelpos_shared", "relpos_rpn_postnorm", "eva_postnorm",
+                                 "vit_rpn_postnorm"])
 def test_save_load_roundtrip(key, tmp_path):
     """Invariant 6 through the ordinary files (the recipe rebuilds the timm name with small kwargs)."""
     name, kw, _ = MODELS[key]
@@ -214,7 +218,7 @@ def test_old_plan_files_without_the_new_fields_still_load():
 @pytest.mark.parametrize("name,part", [
     ("beit3_base_patch16_224", "norm"),
     ("samvit_base_patch16", "windowed attention"),
-    ("vit_base_patch16_rpn_224", "ResPostBlock"), ("vit_base_mci_224", "HybridEmbed"),
+    ("vit_small_patch16_18x2_224", "ParallelThingsBlock"), ("vit_base_mci_224", "HybridEmbed"),
 ])
 def test_still_refused_families_name_the_part(name, part, one_line):
     with torch.device("meta"):
@@ -332,7 +336,7 @@ def test_eva_invariants(key, fused):
 
 
 @pytest.mark.parametrize("key", ["eva02_glu_rope", "eva_norope", "beit_relpos", "relpos_mlp_cls", "srelpos_shared",
-                                 "relpos_rpn_postnorm", "eva_postnorm"])
+                                 "relpos_rpn_postnorm", "eva_postnorm", "vit_rpn_postnorm"])
 def test_eva_masked_forward_uses_the_scores(key):
     """The masked model with random attention/MLP scores (tokens all kept) equals the binary-mask
     reference of the full plan with those scores folded in: the scores really act on q/k/v and fc2."""

@@ -7,6 +7,8 @@ Inside timm's ``VisionTransformer`` (the block code of slim.py, with dispatch po
   its value row, acting on the input columns of ``fc2`` as for a plain MLP. Exact.
 * the attention-pool head (``global_pool='map'``, SigLIP): kept dense; it reads the tokens that reach
   the end, so its key/value projection costs MACs per token. Exact.
+* residual post-norm blocks (``ResPostBlock``, ``x + norm(branch(x))``): the norms take the layer-scale
+  places of ``SlimBlock``; token scores scale each token's branch outputs. Exact.
 
 timm ``Eva`` (EVA02, rope ViTs, DINOv3, PE, Sapiens2) and ``Beit``: their blocks are masked, costed and
 slimmed here (``EvaSlimBlock``/``EvaSlimAttention``): rope (whole heads, rope rows of kept patches
@@ -343,9 +345,12 @@ def rel_pos_macs(rel_pos: nn.Module | None) -> int:
 
 
 def is_post_norm(blk: nn.Module) -> bool:
+    """A residual post-norm block, ``x + norm(branch(x))`` (timm ResPostBlock, ResPostRelPosBlock,
+    EvaBlockPostNorm): its norms act on the branch outputs, where a layer scale would be."""
     from timm.models.eva import EvaBlockPostNorm
+    from timm.models.vision_transformer import ResPostBlock
     from timm.models.vision_transformer_relpos import ResPostRelPosBlock
-    return type(blk) in (ResPostRelPosBlock, EvaBlockPostNorm)
+    return type(blk) in (ResPostBlock, ResPostRelPosBlock, EvaBlockPostNorm)
 
 
 def relpos_problem(model: nn.Module) -> str | None:

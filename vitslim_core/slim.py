@@ -180,10 +180,11 @@ class BranchBias(nn.Module):
 
 
 class SlimBlock(nn.Module):
-    """A pre-norm block that first keeps some tokens, then runs its (possibly absent) branches.
+    """A block that first keeps some tokens, then runs its (possibly absent) branches.
 
     ``norm1``/``ls1``/``drop_path1`` (``norm2``/...) are timm's modules, or Identity when the branch is a
-    ``BranchBias``; a branch is None when it adds nothing at all.
+    ``BranchBias``; a branch is None when it adds nothing at all. A post-norm block (timm ResPostBlock,
+    ``x + norm(branch(x))``) has Identity pre-norms and its norms in the ``ls1``/``ls2`` places.
     """
 
     def __init__(self, keep: torch.Tensor | None, norm1: nn.Module, attn: nn.Module | None, ls1: nn.Module,
@@ -311,17 +312,21 @@ def slim_block(blk: nn.Module, plan: SlimPlan, layer: int, attn_fold: torch.Tens
     dev = next(blk.parameters()).device
     keep = torch.as_tensor(gather, device=dev) if gather is not None else None
     ident = nn.Identity
+    if families.is_post_norm(blk):  # ResPostBlock, x + norm(branch(x)): its norms go where a layer scale is
+        pre1, out1, pre2, out2 = ident(), blk.norm1, ident(), blk.norm2
+    else:
+        pre1, out1, pre2, out2 = blk.norm1, blk.ls1, blk.norm2, blk.ls2
     if plan.attn[layer].any():
         attn = slim_attention(blk.attn, plan.attn[layer], attn_fold)
-        norm1, ls1, dp1 = blk.norm1, blk.ls1, blk.drop_path1
+        norm1, ls1, dp1 = pre1, out1, blk.drop_path1
     else:  # the branch adds ls1(proj.bias) whatever its input, so norm1 and ls1 go
-        attn = _branch_bias(blk.attn.proj, blk.ls1)
+        attn = _branch_bias(blk.attn.proj, out1)
         norm1, ls1, dp1 = ident(), ident(), ident()
     if plan.mlp[layer].any():
         mlp = slim_mlp(blk.mlp, plan.mlp[layer], mlp_fold)
-        norm2, ls2, dp2 = blk.norm2, blk.ls2, blk.drop_path2
+        norm2, ls2, dp2 = pre2, out2, blk.drop_path2
     else:
-        mlp = _branch_bias(blk.mlp.fc2, blk.ls2)
+        mlp = _branch_bias(blk.mlp.fc2, out2)
         norm2, ls2, dp2 = ident(), ident(), ident()
     return SlimBlock(keep, norm1, attn, ls1, dp1, norm2, mlp, ls2, dp2)
 
@@ -420,6 +425,10 @@ class HardMaskedViT(nn.Module):
         m = self.model
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
         for l, blk in enumerate(m.blocks):
+            if families.is_post_norm(blk):  # ResPostBlock: x + norm(branch(x))
+                x = x + blk.norm1(self._attention(blk.attn, x, l))
+                x = x + blk.norm2(self._mlp(blk.mlp, x, l))
+                continue
             x = x + blk.ls1(self._attention(blk.attn, blk.norm1(x), l))
             x = x + blk.ls2(self._mlp(blk.mlp, blk.norm2(x), l))
         x = x.index_select(1, self.final_keep)  # outputs of dropped tokens are ignored
