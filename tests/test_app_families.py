@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 
 gr = pytest.importorskip("gradio")
 
-from vitslim_app.explorer import Explorer  # noqa: E402
+from vitslim_app.explorer import Budget, Explorer  # noqa: E402
 from vitslim_app.jobs import RetrainJob  # noqa: E402
 from vitslim_core import MaskScores, SlimPlan  # noqa: E402
 from vitslim_core.search import SearchConfig, search  # noqa: E402
@@ -62,15 +62,10 @@ def test_the_app_shows_every_view_of_a_family_run(family_run, tmp_path):
         assert not_error(out[1]), (family, view)
     views = ex.budget_views(*budget(key, 0.4), 0, False, None, "all")
     assert not_error(views[0])
-    plan = ex.plan(ex.run(key), ex_budget(0.4)).plan
+    plan = ex.plan(ex.run(key), Budget.of("flops", 0.4)).plan
     assert abs(plan.flops_ratio - 0.4) < 0.03
     if family == "eva02":  # rope: whole heads; the app's plan keeps every dim of a kept head
         assert plan.spec.head_only and (plan.attn.all(2) == plan.attn.any(2)).all()
-
-
-def ex_budget(flops: float):
-    from vitslim_app.explorer import Budget
-    return Budget.of("flops", flops)
 
 
 def test_token_masks_prediction_and_speed_of_a_family_run(family_run, tmp_path):

@@ -318,8 +318,9 @@ def eva_problem(model: nn.Module) -> str | None:
         problem = _scale_and_mlp_problem(i, blk)
         if problem:
             return problem
-        if is_post_norm(blk) and (a.proj.bias is None or blk.mlp.fc2.bias is None):
-            return f"block {i} is post-norm with a bias-free output projection (not supported)"
+        problem = post_norm_problem(i, blk)
+        if problem:
+            return problem
         if not _plain_linear(a.proj) or not all(_plain_linear(l) for l in _qkv_linears(a)):
             return f"block {i} attention projections are not plain nn.Linear layers"
     pool = getattr(model, "attn_pool", None)
@@ -353,6 +354,13 @@ def is_post_norm(blk: nn.Module) -> bool:
     return type(blk) in (ResPostBlock, ResPostRelPosBlock, EvaBlockPostNorm)
 
 
+def post_norm_problem(i: int, blk: nn.Module) -> str | None:
+    """A post-norm block needs output biases: an emptied branch still adds norm(bias), a constant."""
+    if is_post_norm(blk) and (blk.attn.proj.bias is None or blk.mlp.fc2.bias is None):
+        return f"block {i} is post-norm with a bias-free output projection (not supported)"
+    return None
+
+
 def relpos_problem(model: nn.Module) -> str | None:
     """Why this timm VisionTransformerRelPos cannot be masked and slimmed (None: fine)."""
     from timm.layers import Mlp
@@ -380,8 +388,9 @@ def relpos_problem(model: nn.Module) -> str | None:
             return f"block {i} MLP {type(blk.mlp).__name__} {problem}"
         if not _plain_linear(a.proj) or not _plain_linear(a.qkv):
             return f"block {i} attention projections are not plain nn.Linear layers"
-        if is_post_norm(blk) and (a.proj.bias is None or blk.mlp.fc2.bias is None):
-            return f"block {i} is post-norm with a bias-free output projection (not supported)"
+        problem = post_norm_problem(i, blk)
+        if problem:
+            return problem
     return None
 
 

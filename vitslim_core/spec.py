@@ -364,12 +364,12 @@ def check_supported(model: nn.Module) -> None:
     if not isinstance(getattr(pe, "proj", None), nn.Conv2d):
         raise UnsupportedModelError(f"patch embedding {type(pe).__name__} without a Conv2d projection")
     for i, blk in enumerate(model.blocks):
-        post = families.is_post_norm(blk)  # timm ResPostBlock: x + norm(branch(x)) (vit_*_rpn_*)
-        if type(blk) is not Block and not post:
+        if type(blk) is not Block and not families.is_post_norm(blk):  # ResPostBlock: x + norm(branch(x))
             raise UnsupportedModelError(f"block {i} is {type(blk).__name__}; only timm's pre-norm Block and the "
                                         "post-norm ResPostBlock are supported")
-        if post and (blk.attn.proj.bias is None or blk.mlp.fc2.bias is None):
-            raise UnsupportedModelError(f"block {i} is post-norm with a bias-free output projection (not supported)")
+        problem = families.post_norm_problem(i, blk)
+        if problem:
+            raise UnsupportedModelError(problem)
         a = blk.attn
         if type(a) is not Attention:
             raise UnsupportedModelError(
